@@ -1,0 +1,123 @@
+"""The Python API: prune an already loaded model, evaluate perplexity. The CLI calls these."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import data as data_mod
+from .config import Calibration, EvalSettings
+from .devices import resolve_device, synchronize
+from .errors import UsageError
+from .evaluate import Perplexity, perplexity, windows_of
+from .methods import get_method
+from .models import context_length, needs_bos
+from .patterns import Pattern, Unstructured, parse_pattern
+from .runner import LayerResult, prune_blocks
+
+
+@dataclass
+class PruneResult:
+    method: str
+    pattern: Pattern
+    layers: list[LayerResult]
+    prune_s: float
+    calibration: dict | None
+    method_settings: dict = field(default_factory=dict)
+
+    @property
+    def sparsity_overall(self) -> float:
+        total = sum(r.shape[0] * r.shape[1] for r in self.layers)
+        return sum(r.zeros for r in self.layers) / total if total else 0.0
+
+
+def check_seqlen(model, seqlen: int, flag: str) -> None:
+    limit = context_length(model)
+    if limit is not None and seqlen > limit:
+        raise UsageError(f"{flag} {seqlen} is longer than the model's context of {limit} tokens; use {flag} {limit} or less")
+
+
+def as_pattern(pattern: Pattern | str, sparsity: float | None) -> Pattern:
+    if isinstance(pattern, str):
+        return parse_pattern(pattern, sparsity)
+    return pattern
+
+
+def calibration_tokens(model, tokenizer, calibration: Calibration, data_dir=None) -> torch.Tensor:
+    check_seqlen(model, calibration.seqlen, "--seqlen")
+    if tokenizer is None:
+        raise UsageError("calibration from text needs a tokenizer; pass one, or pass calib_tokens")
+    return data_mod.calibration_tokens(
+        tokenizer, calibration.source, calibration.nsamples, calibration.seqlen, calibration.seed,
+        data_mod.data_dir(data_dir),
+    )
+
+
+@torch.no_grad()
+def prune(
+    model,
+    tokenizer=None,
+    *,
+    method="wanda",
+    pattern: Pattern | str = "unstructured",
+    sparsity: float | None = 0.5,
+    calibration: Calibration | None = None,
+    calib_tokens: torch.Tensor | None = None,
+    device: str | torch.device = "auto",
+    batch_size: int = 8,
+    data_dir: str | Path | None = None,
+    progress: bool = True,
+) -> PruneResult:
+    """Prune ``model`` in place, block by block; returns what was done.
+
+    ``pattern`` is an ``Unstructured``/``NM`` object or a string ("unstructured", "2:4");
+    ``calib_tokens`` ([nsamples, seqlen] ids) replaces sampling from ``calibration``.
+    """
+    method = get_method(method)
+    pattern = as_pattern(pattern, sparsity)
+    device = device if isinstance(device, torch.device) else resolve_device(device)
+    if batch_size < 1:
+        raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
+    calibration = calibration or Calibration()
+    was_training = model.training
+    model.eval()
+    start = time.perf_counter()
+    tokens, calib_info = None, None
+    if method.needs:
+        if calib_tokens is None:
+            tokens = calibration_tokens(model, tokenizer, calibration, data_dir)
+            calib_info = calibration.to_dict()
+        else:
+            tokens = calib_tokens.long()
+            check_seqlen(model, tokens.shape[1], "--calib-tokens seqlen")
+            calib_info = {"source": "tokens", "nsamples": tokens.shape[0], "seqlen": tokens.shape[1], "seed": None}
+    layers = prune_blocks(model, method, pattern, tokens, device, batch_size, progress)
+    synchronize(device)
+    model.train(was_training)
+    return PruneResult(method.name, pattern, layers, time.perf_counter() - start, calib_info, method.settings())
+
+
+@torch.no_grad()
+def evaluate_perplexity(
+    model, tokenizer, settings: EvalSettings, device: str | torch.device = "auto", data_dir=None, progress: bool = True,
+    label: str = "",
+) -> dict[str, Perplexity]:
+    """Perplexity of ``model`` on each set of ``settings``; the model is moved to ``device``."""
+    device = device if isinstance(device, torch.device) else resolve_device(device)
+    check_seqlen(model, settings.seqlen, "--eval-seqlen")
+    ddir = data_mod.data_dir(data_dir)
+    bos = tokenizer.bos_token_id if needs_bos(model) else None
+    if needs_bos(model) and bos is None:
+        raise UsageError("this model needs a BOS token in evaluation but its tokenizer defines none")
+    batch = settings.batch_size or max(1, 4096 // settings.seqlen)
+    model.to(device)
+    model.eval()
+    out = {}
+    for name in settings.sets:
+        stream = data_mod.eval_tokens(tokenizer, name, settings.seqlen, ddir)
+        wins = windows_of(stream, settings.seqlen, settings.max_windows, bos)
+        out[name] = perplexity(model, wins, device, batch, progress, desc=f"{label} {name}".strip())
+    return out

@@ -1,0 +1,197 @@
+"""Command line: wiring only. Parses strings once, builds the typed options, calls the API."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .errors import UsageError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="One-shot pruning of large language models.")
+console = Console(stderr=True)
+
+ModelOpt = typer.Option("smollm2-135m", "--model", help="Hub id, local folder, .gguf file, or the alias smollm2-135m.")
+DeviceOpt = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N")
+DtypeOpt = typer.Option("auto", "--dtype", help="auto | float32 | bfloat16 | float16 (statistics are always fp32).")
+EvalOpt = typer.Option("wikitext2", "--eval", help="Comma list of perplexity sets: wikitext2, ptb, c4 ('' for none).")
+EvalSeqOpt = typer.Option(None, "--eval-seqlen", help="Evaluation window length (default: --seqlen).")
+MaxWinOpt = typer.Option(None, "--max-eval-windows", help="Evaluate only the first K windows (default: all).")
+DataDirOpt = typer.Option(None, "--data-dir", help="Folder with local data (default: $LLMPRUNE_DATA_DIR, else the hub).")
+TrustOpt = typer.Option(False, "--trust-remote-code", help="Allow a hub model's own Python code to run.")
+ProgressOpt = typer.Option(True, "--progress/--no-progress", help="Progress bars on stderr.")
+
+
+def _fail(exc: Exception) -> None:
+    console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+    raise typer.Exit(2)
+
+
+def _fmt(value) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def _print_summary(report: dict) -> None:
+    table = Table(title=f"{report['model']['spec']}: {report['method']} {report['pattern']}")
+    table.add_column("set")
+    table.add_column("seqlen x windows", justify="right")
+    table.add_column("dense ppl", justify="right")
+    table.add_column("pruned ppl", justify="right")
+    for name, row in report["perplexity"].items():
+        table.add_row(name, f"{row['seqlen']} x {row['windows']}", _fmt(row["dense"]), _fmt(row["pruned"]))
+    Console().print(table)
+    t = report["time"]
+    Console().print(
+        f"sparsity {report['sparsity_overall']:.4f} (target {report['sparsity_target']:.4f}) | "
+        f"load {t['load_s']:.1f}s  prune {t['prune_s']:.1f}s  eval {t['eval_s']:.1f}s | "
+        f"{report['device']} {report['dtype']}",
+        highlight=False,
+    )
+
+
+@app.command()
+def prune(
+    model: str = ModelOpt,
+    method: str = typer.Option("wanda", "--method", help="wanda | sparsegpt | magnitude"),
+    sparsity: float = typer.Option(0.5, "--sparsity", help="Fraction in [0, 1) for unstructured."),
+    pattern: str = typer.Option("unstructured", "--pattern", help="unstructured, or N:M (e.g. 2:4, 4:8, 1:4)."),
+    calib: str = typer.Option("c4", "--calib", help="c4 | wikitext2 | path to a .txt or .jsonl (text field) file."),
+    nsamples: int = typer.Option(128, "--nsamples", help="Number of calibration windows."),
+    seqlen: int = typer.Option(2048, "--seqlen", help="Calibration window length in tokens."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the calibration sampler."),
+    calib_tokens: Optional[Path] = typer.Option(None, "--calib-tokens", help="A .npy int array [nsamples, seqlen] of token ids, used exactly."),
+    device: str = DeviceOpt,
+    dtype: str = DtypeOpt,
+    batch_size: int = typer.Option(8, "--batch-size", help="Calibration windows per forward pass."),
+    eval_sets: str = EvalOpt,
+    eval_seqlen: Optional[int] = EvalSeqOpt,
+    max_eval_windows: Optional[int] = MaxWinOpt,
+    out: Optional[Path] = typer.Option(None, "--out", help="Save the pruned model (HF folder, safetensors) here."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out folder."),
+    report: Optional[Path] = typer.Option(None, "--report", help="Write the run's report (JSON) here."),
+    data_dir: Optional[Path] = DataDirOpt,
+    trust_remote_code: bool = TrustOpt,
+    progress: bool = ProgressOpt,
+) -> None:
+    """Prune a model in one shot, evaluating it before and after."""
+    try:
+        _prune(**locals())
+    except UsageError as exc:
+        _fail(exc)
+
+
+def _prune(*, model, method, sparsity, pattern, calib, nsamples, seqlen, seed, calib_tokens, device, dtype, batch_size,
+           eval_sets, eval_seqlen, max_eval_windows, out, overwrite, report, data_dir, trust_remote_code, progress):
+    from . import api, data, devices, export, loading, report as report_mod
+    from .config import Calibration, EvalSettings, parse_sets
+    from .methods import get_method
+    from .patterns import parse_pattern
+
+    # every string is checked before the model is loaded
+    method_obj = get_method(method)
+    pattern_obj = parse_pattern(pattern, sparsity)
+    calibration = Calibration(calib, nsamples, seqlen, seed)
+    settings = EvalSettings(parse_sets(eval_sets), eval_seqlen or seqlen, max_eval_windows)
+    dev = devices.resolve_device(device)
+    dt = devices.resolve_dtype(dtype, dev)
+    if out is not None:
+        export.check_output_dir(out, overwrite)
+    if report is not None and report.is_dir():
+        raise UsageError(f"--report {report} is a folder; give a file path such as run.json")
+    if calib_tokens is not None and not calib_tokens.is_file():
+        raise UsageError(f"--calib-tokens {calib_tokens}: no such file")
+    ddir = data.data_dir(data_dir)
+
+    devices.reset_peak_memory()
+    t0 = time.perf_counter()
+    lm, tok, info = loading.load_model(model, dt, trust_remote_code)
+    load_s = time.perf_counter() - t0
+    tokens = data.load_token_file(calib_tokens, lm.config.get_text_config().vocab_size) if calib_tokens else None
+    if tokens is None and method_obj.needs:  # sample now so bad calibration input fails before evaluation
+        tokens = api.calibration_tokens(lm, tok, calibration, ddir)
+    eval_s = 0.0
+    dense_ppl = {}
+    if settings.sets:
+        t0 = time.perf_counter()
+        dense_ppl = api.evaluate_perplexity(lm, tok, settings, dev, ddir, progress, label="dense")
+        eval_s += time.perf_counter() - t0
+        lm.to("cpu")
+    result = api.prune(lm, tok, method=method_obj, pattern=pattern_obj, calibration=calibration,
+                       calib_tokens=tokens, device=dev, batch_size=batch_size, data_dir=ddir, progress=progress)
+    if tokens is not None and calib_tokens is None:
+        result.calibration = calibration.to_dict()
+    pruned_ppl = {}
+    if settings.sets:
+        t0 = time.perf_counter()
+        pruned_ppl = api.evaluate_perplexity(lm, tok, settings, dev, ddir, progress, label="pruned")
+        eval_s += time.perf_counter() - t0
+    payload = report_mod.build_report(
+        model=info, result=result, device=dev, dtype=dt,
+        times={"load_s": load_s, "prune_s": result.prune_s, "eval_s": eval_s},
+        peak=devices.peak_memory_bytes(), dense_ppl=dense_ppl, pruned_ppl=pruned_ppl, eval_settings=settings,
+        extra={"command": sys.argv},
+    )
+    if report is not None:
+        report_mod.write_json(report, payload)
+    if out is not None:
+        lm.to("cpu")
+        export.save_pruned(lm, tok, out, payload, overwrite)
+    _print_summary(payload)
+
+
+@app.command("eval")
+def eval_cmd(
+    model: str = ModelOpt,
+    eval_sets: str = EvalOpt,
+    eval_seqlen: int = typer.Option(2048, "--eval-seqlen", help="Evaluation window length."),
+    max_eval_windows: Optional[int] = MaxWinOpt,
+    device: str = DeviceOpt,
+    dtype: str = DtypeOpt,
+    report: Optional[Path] = typer.Option(None, "--report", help="Write the results (JSON) here."),
+    data_dir: Optional[Path] = DataDirOpt,
+    trust_remote_code: bool = TrustOpt,
+    progress: bool = ProgressOpt,
+) -> None:
+    """Evaluate any model's perplexity the same way `prune` does."""
+    try:
+        from . import api, data, devices, loading, report as report_mod
+        from .config import EvalSettings, parse_sets
+
+        settings = EvalSettings(parse_sets(eval_sets) or ("wikitext2",), eval_seqlen, max_eval_windows)
+        dev = devices.resolve_device(device)
+        dt = devices.resolve_dtype(dtype, dev)
+        ddir = data.data_dir(data_dir)
+        t0 = time.perf_counter()
+        lm, tok, info = loading.load_model(model, dt, trust_remote_code)
+        load_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        ppl = api.evaluate_perplexity(lm, tok, settings, dev, ddir, progress)
+        payload = {
+            "model": info, "device": str(dev), "dtype": str(dt).replace("torch.", ""),
+            "perplexity": {k: {"perplexity": v.perplexity, "seqlen": v.seqlen, "windows": v.windows} for k, v in ppl.items()},
+            "time": {"load_s": load_s, "eval_s": time.perf_counter() - t0},
+            "peak_memory_bytes": devices.peak_memory_bytes(), "versions": report_mod.versions(),
+        }
+        if report is not None:
+            report_mod.write_json(report, payload)
+        table = Table(title=f"{model}")
+        for col in ("set", "seqlen x windows", "perplexity"):
+            table.add_column(col)
+        for name, v in ppl.items():
+            table.add_row(name, f"{v.seqlen} x {v.windows}", f"{v.perplexity:.3f}")
+        Console().print(table)
+    except UsageError as exc:
+        _fail(exc)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,69 @@
+"""The only module that touches torch.cuda: device and dtype resolution, peak memory."""
+
+from __future__ import annotations
+
+import resource
+from pathlib import Path
+
+import torch
+
+from .errors import UsageError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(spec: str = "auto") -> torch.device:
+    spec = (spec or "auto").strip().lower()
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if spec == "cpu":
+        return torch.device("cpu")
+    if spec == "cuda" or spec.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {spec}: no CUDA GPU is visible on this machine; use --device cpu or --device auto")
+        index = spec.partition(":")[2]
+        if index and (not index.isdigit() or int(index) >= torch.cuda.device_count()):
+            raise UsageError(f"--device {spec}: this machine has {torch.cuda.device_count()} GPU(s), cuda:0..cuda:{torch.cuda.device_count() - 1}")
+        return torch.device(spec)
+    raise UsageError(f"--device must be auto, cpu, cuda or cuda:N, got {spec!r}")
+
+
+def cpu_has_fast_bf16() -> bool:
+    """True where the CPU multiplies bf16 natively (AVX512-BF16 or AMX); elsewhere bf16 is emulated and slow."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_dtype(spec: str, device: torch.device) -> torch.dtype:
+    """``auto``: bf16 on GPUs that support it (else fp16); on CPU bf16 only where it is native, else fp32."""
+    spec = (spec or "auto").strip().lower()
+    if spec == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
+    if spec not in DTYPES:
+        raise UsageError(f"--dtype must be auto, {', '.join(DTYPES)}, got {spec!r}")
+    return DTYPES[spec]
+
+
+def reset_peak_memory() -> None:
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            torch.cuda.reset_peak_memory_stats(i)
+
+
+def peak_memory_bytes() -> dict[str, int | None]:
+    """Peak resident memory of this process, and peak allocated GPU memory summed over GPUs."""
+    cpu = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    gpu = None
+    if torch.cuda.is_available():
+        gpu = sum(torch.cuda.max_memory_allocated(i) for i in range(torch.cuda.device_count()))
+    return {"cpu": cpu, "gpu": gpu}
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

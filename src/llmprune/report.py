@@ -1,0 +1,67 @@
+"""The run's report: every setting and measurement, as JSON."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+
+def versions() -> dict[str, str]:
+    import transformers
+
+    from . import __version__
+
+    return {"llmprune": __version__, "torch": torch.__version__, "transformers": transformers.__version__}
+
+
+def perplexity_table(dense: dict, pruned: dict) -> dict:
+    out = {}
+    for name in dict.fromkeys([*dense, *pruned]):
+        ref = pruned.get(name) or dense.get(name)
+        out[name] = {
+            "dense": dense[name].perplexity if name in dense else None,
+            "pruned": pruned[name].perplexity if name in pruned else None,
+            "seqlen": ref.seqlen,
+            "windows": ref.windows,
+        }
+    return out
+
+
+def build_report(*, model: dict, result, device, dtype, times: dict, peak: dict, dense_ppl: dict, pruned_ppl: dict,
+                 eval_settings=None, extra: dict | None = None) -> dict:
+    pattern = result.pattern
+    report = {
+        "model": model,
+        "method": result.method,
+        "method_settings": result.method_settings,
+        "pattern": str(pattern),
+        "sparsity_target": pattern.target,
+        "sparsity_overall": result.sparsity_overall,
+        "calibration": result.calibration,
+        "device": str(device),
+        "dtype": str(dtype).replace("torch.", ""),
+        "layers": [{"name": r.name, "shape": list(r.shape), "sparsity": r.sparsity} for r in result.layers],
+        "time": times,
+        "peak_memory_bytes": peak,
+        "perplexity": perplexity_table(dense_ppl, pruned_ppl),
+        "versions": versions(),
+    }
+    if eval_settings is not None:
+        report["evaluation"] = {"sets": list(eval_settings.sets), "seqlen": eval_settings.seqlen,
+                                "max_windows": eval_settings.max_windows}
+    report.update(extra or {})
+    return report
+
+
+def write_json(path: str | os.PathLike, payload: dict) -> None:
+    """Write atomically: a temporary file beside the target, then rename."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(json.dumps(payload, indent=2) + "\n")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
