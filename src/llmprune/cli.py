@@ -13,7 +13,8 @@ from rich.table import Table
 
 from .errors import UsageError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="One-shot pruning of large language models.")
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="One-shot pruning of large language models.",
+                  pretty_exceptions_show_locals=False)
 console = Console(stderr=True)
 
 ModelOpt = typer.Option("smollm2-135m", "--model", help="Hub id, local folder, .gguf file, or the alias smollm2-135m.")

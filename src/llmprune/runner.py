@@ -108,10 +108,11 @@ def prune_blocks(
         home = next(block.parameters()).device
         block.to(device)
         layers = prunable_layers(block)
+        block_calls = {size: per_block[index] for size, per_block in calls.items()}
         collector = None
         if method.needs:
             with collect_statistics(layers, method.needs) as collector:
-                _run_block(block, hidden, calls, collector=collector)
+                _run_block(block, hidden, block_calls, collector=collector)
         for name, layer in layers.items():
             w = weight_matrix(layer)
             stats = collector.for_layer(name) if collector else {}
@@ -120,6 +121,6 @@ def prune_blocks(
             results.append(LayerResult(f"{names[id(block)]}.{name}", tuple(w.shape), int((w == 0).sum())))
         del collector
         if method.needs and index < last:  # the last block's outputs feed nothing we prune
-            _run_block(block, hidden, calls)
+            _run_block(block, hidden, block_calls)
         block.to(home)
     return results
