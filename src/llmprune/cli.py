@@ -104,13 +104,15 @@ def _prune(*, model, method, sparsity, pattern, calib, nsamples, seqlen, seed, c
         export.check_output_dir(out, overwrite)
     if report is not None and report.is_dir():
         raise UsageError(f"--report {report} is a folder; give a file path such as run.json")
+    if report is not None:
+        report.parent.mkdir(parents=True, exist_ok=True)
     if calib_tokens is not None and not calib_tokens.is_file():
         raise UsageError(f"--calib-tokens {calib_tokens}: no such file")
     ddir = data.data_dir(data_dir)
 
     devices.reset_peak_memory()
     t0 = time.perf_counter()
-    lm, tok, info = loading.load_model(model, dt, trust_remote_code)
+    lm, tok, info = loading.load_model(model, dt, trust_remote_code, progress)
     load_s = time.perf_counter() - t0
     tokens = data.load_token_file(calib_tokens, lm.config.get_text_config().vocab_size) if calib_tokens else None
     if tokens is None and method_obj.needs:  # sample now so bad calibration input fails before evaluation
@@ -168,7 +170,7 @@ def eval_cmd(
         dt = devices.resolve_dtype(dtype, dev)
         ddir = data.data_dir(data_dir)
         t0 = time.perf_counter()
-        lm, tok, info = loading.load_model(model, dt, trust_remote_code)
+        lm, tok, info = loading.load_model(model, dt, trust_remote_code, progress)
         load_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         ppl = api.evaluate_perplexity(lm, tok, settings, dev, ddir, progress)
@@ -191,6 +193,9 @@ def eval_cmd(
 
 
 def main() -> None:
+    from .devices import tune_cpu_allocator
+
+    tune_cpu_allocator()
     app()
 
 

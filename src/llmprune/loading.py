@@ -94,9 +94,14 @@ def gguf_to_folder(gguf: str) -> Path:
     return target
 
 
-def load_model(spec: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
+def load_model(spec: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False,
+               progress: bool = True):
     """(model in eval mode on CPU, tokenizer, where it came from)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    if not progress:
+        hf_logging.disable_progress_bar()
 
     kind, location = resolve_source(spec)
     folder = str(gguf_to_folder(location)) if kind == "gguf" else location
