@@ -35,7 +35,7 @@ def test_prune_end_to_end(tiny_folder, tmp_path, ddir):
     for name in ("wikitext2", "ptb"):
         row = report["perplexity"][name]
         assert row["windows"] == 3 and row["seqlen"] == 32 and row["pruned"] > 1 and row["dense"] > 1
-    assert set(report["time"]) == {"load_s", "prune_s", "eval_s"}
+    assert set(report["time"]) == {"load_s", "calib_data_s", "prune_s", "eval_s"}
     model = AutoModelForCausalLM.from_pretrained(out)
     q = model.model.layers[0].self_attn.q_proj.weight
     assert int((q == 0).sum()) == q.numel() // 2

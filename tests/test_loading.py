@@ -1,0 +1,55 @@
+import hashlib
+import sys
+
+import pytest
+
+from llmprune import UsageError, loading
+
+
+@pytest.fixture
+def fake_parts(tmp_path, monkeypatch):
+    """Two installed 'packages' each holding one part of a split GGUF file."""
+    chunks = [b"GGUF" + b"a" * 1000, b"b" * 777]
+    for i, chunk in enumerate(chunks):
+        pkg = tmp_path / "site" / f"fakepart{i}"
+        (pkg / "data").mkdir(parents=True)
+        (pkg / "__init__.py").write_text("")
+        (pkg / "data" / "f.part").write_bytes(chunk)
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    monkeypatch.setenv("LLMPRUNE_CACHE", str(tmp_path / "cache"))
+    whole = b"".join(chunks)
+    entry = loading.PackagedGGUF((("fakepart0", "data/f.part"), ("fakepart1", "data/f.part")), "joined.gguf",
+                                 "pip install fakeparts", hashlib.sha256(whole).hexdigest())
+    monkeypatch.setitem(loading.ALIASES, "fake", entry)
+    return whole
+
+
+def test_split_gguf_is_joined_once(fake_parts, tmp_path):
+    path = loading.alias_path("fake")
+    assert path.read_bytes() == fake_parts
+    mtime = path.stat().st_mtime_ns
+    assert loading.alias_path("fake") == path and path.stat().st_mtime_ns == mtime  # reused, not rewritten
+    assert [p.name for p in path.parent.iterdir()] == ["joined.gguf"]  # no temporary file left
+
+
+def test_checksum_mismatch_leaves_nothing(fake_parts, tmp_path, monkeypatch):
+    entry = loading.ALIASES["fake"]
+    monkeypatch.setitem(loading.ALIASES, "fake", loading.PackagedGGUF(entry.parts, entry.filename, entry.install, "0" * 64))
+    with pytest.raises(UsageError, match="do not match the expected checksum"):
+        loading.alias_path("fake")
+    assert list((tmp_path / "cache" / "gguf-src").iterdir()) == []
+
+
+def test_missing_package_names_the_install(monkeypatch):
+    monkeypatch.setitem(loading.ALIASES, "nope", loading.PackagedGGUF((("no_such_pkg_xyz", "f.gguf"),), "f.gguf",
+                                                                      "pip install no-such-pkg"))
+    with pytest.raises(UsageError, match="not installed; pip install no-such-pkg"):
+        loading.alias_path("nope")
+
+
+def test_hub_id_and_paths():
+    assert loading.resolve_source("org/name") == ("hub", "org/name")
+    with pytest.raises(UsageError, match="no such file or folder"):
+        loading.resolve_source("./missing-folder")
+    with pytest.raises(UsageError, match="no such GGUF file"):
+        loading.resolve_source("missing.gguf")
