@@ -84,19 +84,19 @@ def _read_jsonl_texts(path: Path, field: str = "text") -> list[str]:
     return texts
 
 
+# split -> (file under the data directory, file of the allenai/c4 hub dataset)
+_C4_FILES = {
+    "train": ("c4/c4_sample.jsonl", "en/c4-train.00000-of-01024.json.gz"),
+    "validation": ("c4/c4_validation.jsonl", "en/c4-validation.00000-of-00008.json.gz"),
+}
+
+
 def _c4_documents(ddir: Path | None, split: str) -> list[str]:
-    if split == "train":
-        path = _local(ddir, "c4/c4_sample.jsonl")
-        if path is not None:
-            return _read_jsonl_texts(path)
-        ds = _hub("allenai/c4", data_files={"train": "en/c4-train.00000-of-01024.json.gz"}, split="train",
-                  what="c4 train", local_hint="c4/c4_sample.jsonl")
-        return list(ds["text"])
-    path = _local(ddir, "c4/c4_validation.jsonl")
+    local, remote = _C4_FILES[split]
+    path = _local(ddir, local)
     if path is not None:
         return _read_jsonl_texts(path)
-    ds = _hub("allenai/c4", data_files={"validation": "en/c4-validation.00000-of-00008.json.gz"}, split="validation",
-              what="--eval c4 (validation shard)", local_hint="c4/c4_validation.jsonl")
+    ds = _hub("allenai/c4", data_files={split: remote}, split=split, what=f"c4 {split}", local_hint=local)
     return list(ds["text"])
 
 
