@@ -7,6 +7,7 @@ weights, the same calibration tokens and the same evaluation windows. Output: JS
 after every run, atomically) and a Markdown table on stdout.
 
     python benchmarks/paper_table.py --out benchmarks/results/paper_table_smollm2.json
+    python benchmarks/paper_table.py --skip-eval --out benchmarks/results/prune_time_smollm2.json
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ RUNS = [(m, p) for m in ("magnitude", "wanda", "sparsegpt") for p in ("unstructu
 def table(rows: list[dict]) -> str:
     lines = ["| method | pattern | WikiText-2 ppl | prune time (s) | sparsity |", "|---|---|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['method']} | {r['pattern']} | {r['perplexity']:.2f} | {r['prune_s']:.1f} | {r['sparsity']:.4f} |")
+        ppl = "-" if r["perplexity"] is None else f"{r['perplexity']:.2f}"
+        lines.append(f"| {r['method']} | {r['pattern']} | {ppl} | {r['prune_s']:.1f} | {r['sparsity']:.4f} |")
     return "\n".join(lines)
 
 
@@ -43,6 +45,7 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--runs", default=None, help="comma list of method/pattern, e.g. wanda/2:4 (default: all)")
+    ap.add_argument("--skip-eval", action="store_true", help="time the pruning only (no perplexity)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
 
@@ -65,8 +68,8 @@ def main() -> None:
         "versions": report.versions(), "rows": [],
     }
     t0 = time.perf_counter()
-    dense = perplexity(model, wins, device, batch, desc="dense")
-    result["rows"].append({"method": "dense", "pattern": "-", "perplexity": dense.perplexity, "prune_s": 0.0,
+    dense = None if args.skip_eval else perplexity(model, wins, device, batch, desc="dense").perplexity
+    result["rows"].append({"method": "dense", "pattern": "-", "perplexity": dense, "prune_s": 0.0,
                            "sparsity": 0.0, "eval_s": time.perf_counter() - t0})
     report.write_json(args.out, result)
     for method, pattern in runs:
@@ -74,12 +77,13 @@ def main() -> None:
         res = api.prune(model, tok, method=method, pattern=pattern, sparsity=args.sparsity, calib_tokens=tokens,
                         device=device)
         t0 = time.perf_counter()
-        ppl = perplexity(model.to(device), wins, device, batch, desc=f"{method} {pattern}")
-        result["rows"].append({"method": method, "pattern": str(res.pattern), "perplexity": ppl.perplexity,
+        ppl = None if args.skip_eval else perplexity(model.to(device), wins, device, batch,
+                                                     desc=f"{method} {pattern}").perplexity
+        result["rows"].append({"method": method, "pattern": str(res.pattern), "perplexity": ppl,
                                "prune_s": res.prune_s, "sparsity": res.sparsity_overall,
                                "eval_s": time.perf_counter() - t0})
         report.write_json(args.out, result)
-        print(f"{method} {pattern}: ppl {ppl.perplexity:.2f} prune {res.prune_s:.1f}s", flush=True)
+        print(f"{method} {pattern}: ppl {ppl} prune {res.prune_s:.1f}s", flush=True)
     print(table(result["rows"]))
 
 
