@@ -15,7 +15,7 @@ from .errors import UsageError
 from .evaluate import Perplexity, perplexity, windows_of
 from .methods import get_method
 from .models import context_length, needs_bos
-from .patterns import Pattern, Unstructured, parse_pattern
+from .patterns import Pattern, parse_pattern
 from .runner import LayerResult, prune_blocks
 
 
@@ -104,24 +104,35 @@ def prune(
     return PruneResult(method.name, pattern, layers, time.perf_counter() - start, calib_info, method.settings())
 
 
+def eval_windows(model, tokenizer, settings: EvalSettings, data_dir=None) -> dict[str, torch.Tensor]:
+    """The evaluation windows of each set (tokenized once; reuse them for dense and pruned)."""
+    check_seqlen(model, settings.seqlen, "--eval-seqlen")
+    ddir = data_mod.data_dir(data_dir)
+    bos = None
+    if needs_bos(model):
+        bos = tokenizer.bos_token_id
+        if bos is None:
+            raise UsageError("this model needs a BOS token in evaluation but its tokenizer defines none")
+    return {name: windows_of(data_mod.eval_tokens(tokenizer, name, settings.seqlen, ddir), settings.seqlen,
+                             settings.max_windows, bos)
+            for name in settings.sets}
+
+
 @torch.no_grad()
+def perplexities(model, windows: dict[str, torch.Tensor], settings: EvalSettings, device: str | torch.device = "auto",
+                 progress: bool = True, label: str = "") -> dict[str, Perplexity]:
+    """Perplexity of ``model`` on prepared windows; the model is moved to ``device``."""
+    device = device if isinstance(device, torch.device) else resolve_device(device)
+    batch = settings.batch_size or max(1, 4096 // settings.seqlen)
+    model.to(device)
+    model.eval()
+    return {name: perplexity(model, wins, device, batch, progress, desc=f"{label} {name}".strip())
+            for name, wins in windows.items()}
+
+
 def evaluate_perplexity(
     model, tokenizer, settings: EvalSettings, device: str | torch.device = "auto", data_dir=None, progress: bool = True,
     label: str = "",
 ) -> dict[str, Perplexity]:
     """Perplexity of ``model`` on each set of ``settings``; the model is moved to ``device``."""
-    device = device if isinstance(device, torch.device) else resolve_device(device)
-    check_seqlen(model, settings.seqlen, "--eval-seqlen")
-    ddir = data_mod.data_dir(data_dir)
-    bos = tokenizer.bos_token_id if needs_bos(model) else None
-    if needs_bos(model) and bos is None:
-        raise UsageError("this model needs a BOS token in evaluation but its tokenizer defines none")
-    batch = settings.batch_size or max(1, 4096 // settings.seqlen)
-    model.to(device)
-    model.eval()
-    out = {}
-    for name in settings.sets:
-        stream = data_mod.eval_tokens(tokenizer, name, settings.seqlen, ddir)
-        wins = windows_of(stream, settings.seqlen, settings.max_windows, bos)
-        out[name] = perplexity(model, wins, device, batch, progress, desc=f"{label} {name}".strip())
-    return out
+    return perplexities(model, eval_windows(model, tokenizer, settings, data_dir), settings, device, progress, label)

@@ -125,7 +125,8 @@ def _prune(*, model, method, sparsity, pattern, calib, nsamples, seqlen, seed, c
     dense_ppl = {}
     if settings.sets:
         t0 = time.perf_counter()
-        dense_ppl = api.evaluate_perplexity(lm, tok, settings, dev, ddir, progress, label="dense")
+        windows = api.eval_windows(lm, tok, settings, ddir)
+        dense_ppl = api.perplexities(lm, windows, settings, dev, progress, label="dense")
         eval_s += time.perf_counter() - t0
         lm.to("cpu")
     result = api.prune(lm, tok, method=method_obj, pattern=pattern_obj, calibration=calibration,
@@ -133,7 +134,7 @@ def _prune(*, model, method, sparsity, pattern, calib, nsamples, seqlen, seed, c
     pruned_ppl = {}
     if settings.sets:
         t0 = time.perf_counter()
-        pruned_ppl = api.evaluate_perplexity(lm, tok, settings, dev, ddir, progress, label="pruned")
+        pruned_ppl = api.perplexities(lm, windows, settings, dev, progress, label="pruned")
         eval_s += time.perf_counter() - t0
     payload = report_mod.build_report(
         model=info, result=result, device=dev, dtype=dt,

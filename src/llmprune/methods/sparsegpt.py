@@ -12,7 +12,7 @@ from typing import Mapping
 
 import torch
 
-from ..patterns import NM, Pattern, Unstructured, _prune_lowest, _select_nm
+from ..patterns import NM, Pattern, Unstructured, select
 
 
 @dataclass(frozen=True)
@@ -43,12 +43,12 @@ class SparseGPT:
             err = torch.zeros_like(w1)
             if isinstance(pattern, Unstructured):
                 saliency = w1.pow(2) / h1.diagonal().pow(2).unsqueeze(0)
-                keep1.copy_(_block_mask(saliency, pattern))
+                keep1.copy_(select(saliency, pattern, self.default_scope))
             for i in range(i2 - i1):
                 if isinstance(pattern, NM) and i % pattern.m == 0:
                     sl = slice(i, i + pattern.m)
                     saliency = w1[:, sl].pow(2) / h1.diagonal()[sl].pow(2).unsqueeze(0)
-                    keep1[:, sl] = _select_nm(saliency, pattern)
+                    keep1[:, sl] = select(saliency, pattern)
                 col = w1[:, i]
                 q = col * keep1[:, i]
                 e = (col - q) / h1[i, i]
@@ -59,13 +59,6 @@ class SparseGPT:
             w[:, i2:] -= err @ hinv[i1:i2, i2:]
         w *= keep
         return w.to(weight.dtype), keep
-
-
-def _block_mask(saliency: torch.Tensor, pattern: Unstructured) -> torch.Tensor:
-    if (pattern.scope or "matrix") == "row":
-        return _prune_lowest(saliency, int(saliency.shape[1] * pattern.sparsity))
-    flat = _prune_lowest(saliency.reshape(1, -1), int(saliency.numel() * pattern.sparsity))
-    return flat.reshape(saliency.shape)
 
 
 def _inverse_cholesky(h: torch.Tensor, w: torch.Tensor, damp: float) -> torch.Tensor:
