@@ -1,0 +1,301 @@
+"""Dense vs llmprune's 2:4 path vs torch's stock ``to_sparse_semi_structured`` swap, side by side.
+
+Per-Linear matmul time over token counts, end-to-end prefill and decode of a whole model. Timings
+are seconds per call of back-to-back calls (host cost included, "eager") and, on CUDA, replay of a
+captured CUDA graph ("graph": GPU time alone). The sparse kernels need CUDA; on CPU only the dense
+rows run (to check the script), the sparse cells say why they are missing.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import sparse24
+from .errors import UsageError
+from .models import find_decoder
+from .patterns import NM, select
+
+LLAMA2_7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                 num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096)
+
+
+def _sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def timeit(fn, reps: int = 10, warmup: int = 2) -> float:
+    """Median over 3 rounds of the seconds per call of ``reps`` back-to-back calls."""
+    for _ in range(warmup):
+        fn()
+    rounds = []
+    for _ in range(3):
+        _sync()
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        _sync()
+        rounds.append((time.perf_counter() - t0) / reps)
+    return sorted(rounds)[1]
+
+
+def graph_time(fn, reps: int = 10) -> float:
+    """Seconds per call, GPU time alone: ``reps`` calls captured in one CUDA graph, replayed."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(reps):
+            fn()
+    t = timeit(graph.replay, reps=3, warmup=1) / reps
+    del graph
+    return t
+
+
+def _attempt(fn):
+    try:
+        return fn(), None
+    except Exception as exc:  # a missing kernel or failed capture is a result to report, not a crash
+        return None, f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+
+
+def mask_24(weight: torch.Tensor) -> torch.Tensor:
+    """Magnitude 2:4 mask applied in place; returns the weight."""
+    weight.mul_(select(weight.abs().float(), NM(2, 4)).to(weight.dtype))
+    return weight
+
+
+def stock_swap(model: nn.Module) -> dict:
+    """torch's own route: each 2:4 Linear weight becomes a SparseSemiStructuredTensor."""
+    from torch.sparse import to_sparse_semi_structured
+
+    saved = {}
+    for block in find_decoder(model)[1]:
+        for m in block.modules():
+            if type(m) is nn.Linear and sparse24.is_2to4(m.weight):
+                saved[m] = m.weight
+                m.weight = nn.Parameter(to_sparse_semi_structured(m.weight.detach()), requires_grad=False)
+    return saved
+
+
+def stock_restore(saved: dict) -> None:
+    for m, w in saved.items():
+        m.weight = w
+
+
+# ---------------------------------------------------------------- per Linear
+
+
+def linear_shapes(cfg) -> dict[str, tuple[int, int]]:
+    h, i = cfg.hidden_size, cfg.intermediate_size
+    kv = cfg.num_key_value_heads * (h // cfg.num_attention_heads)
+    return {"q_proj/o_proj": (h, h), "k_proj/v_proj": (kv, h), "gate_proj/up_proj": (i, h), "down_proj": (h, i),
+            "q+k+v fused": (h + 2 * kv, h), "gate+up fused": (2 * i, h)}
+
+
+@torch.no_grad()
+def bench_linears(shapes: dict, tokens, dtype, device, reps: int = 10) -> list[dict]:
+    rows = []
+    cuda = device.type == "cuda"
+    done = set()
+    for name, (out_f, in_f) in shapes.items():
+        if (out_f, in_f) in done:
+            continue
+        done.add((out_f, in_f))
+        w = mask_24(torch.randn(out_f, in_f, dtype=dtype, device=device))
+        core, err = _attempt(lambda: sparse24.SparseCore(w, None, sparse24.Plan()))
+        stock, stock_err = (None, "needs CUDA") if not cuda else _attempt(
+            lambda: torch.sparse.to_sparse_semi_structured(w))
+        for t in tokens:
+            x = torch.randn(t, in_f, dtype=dtype, device=device)
+            row = {"linear": name, "out": out_f, "in": in_f, "tokens": t}
+            fns = {"dense": lambda: F.linear(x, w)}
+            if core is not None and cuda:
+                alg, e = _attempt(lambda: int(sparse24.Kernels.search(core.packed, F.pad(x, (0, 0, 0, (-t) % 8)).t())))
+                alg = alg or 0
+                row["alg"] = alg
+                fns["llmprune"] = lambda: core.sparse_mm(x, alg)
+                y, e = _attempt(lambda: core.sparse_mm(x, alg))
+                if y is not None:
+                    ref = F.linear(x, w)
+                    row["llmprune_max_rel_err"] = float((y.float() - ref.float()).abs().max() / ref.float().abs().max())
+                    row["llmprune_contiguous"] = bool(y.is_contiguous())
+            else:
+                row["llmprune_error"] = err or "needs CUDA"
+            if stock is not None:
+                fns["stock"] = lambda: F.linear(x, stock)
+            else:
+                row["stock_error"] = stock_err
+            for label, fn in fns.items():
+                row[f"{label}_eager_ms"], e = _attempt(lambda: 1e3 * timeit(fn, reps))
+                if e:
+                    row[f"{label}_error"] = e
+                if cuda:
+                    row[f"{label}_graph_ms"], e = _attempt(lambda: 1e3 * graph_time(fn, reps))
+                    if e:
+                        row[f"{label}_graph_error"] = e
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    return rows
+
+
+# ---------------------------------------------------------------- whole model
+
+
+def build_model(spec: str, dtype, device, layers: int | None = None, seed: int = 0):
+    """A model to benchmark: ``llama-2-7b`` (shapes, random weights), a config .json, or a saved folder.
+
+    Random weights get 2:4 magnitude masks; a saved folder must already be 2:4 pruned.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
+
+    path = Path(spec).expanduser()
+    if spec == "llama-2-7b" or path.suffix == ".json":
+        cfg = LlamaConfig(**LLAMA2_7B) if spec == "llama-2-7b" else AutoConfig.from_pretrained(path)
+        if layers:
+            cfg.num_hidden_layers = layers
+        torch.manual_seed(seed)
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+        with torch.no_grad():
+            for block in find_decoder(model)[1]:
+                for m in block.modules():
+                    if type(m) is nn.Linear:
+                        mask_24(m.weight)
+        return model.eval()
+    if path.is_dir():
+        from .compressed import load
+
+        model = load(path, dtype=dtype)
+        if layers:
+            find_decoder(model)[1][:] = find_decoder(model)[1][:layers]
+            model.config.num_hidden_layers = layers
+        return model.to(device).eval()
+    raise UsageError(f"--model {spec}: give llama-2-7b, a config .json file, or a saved model folder")
+
+
+@torch.no_grad()
+def prefill_fn(model, batch: int, seqlen: int, vocab: int, device):
+    ids = torch.randint(0, vocab, (batch, seqlen), device=device, generator=torch.Generator(device).manual_seed(1))
+    return lambda: model(input_ids=ids, use_cache=False, logits_to_keep=1).logits
+
+
+@torch.no_grad()
+def decode_time(model, batch: int, prompt: int, steps: int, vocab: int, device) -> float:
+    """Seconds per decode step (batch tokens each) after a ``prompt``-token prefill, HF dynamic cache."""
+    ids = torch.randint(0, vocab, (batch, prompt), device=device, generator=torch.Generator(device).manual_seed(2))
+
+    def run(n):
+        out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+        cache, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        _sync()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            out = model(input_ids=tok, past_key_values=cache, use_cache=True)
+            tok = out.logits[:, -1:].argmax(-1)
+        _sync()
+        return (time.perf_counter() - t0) / n
+
+    run(2)
+    return sorted(run(steps) for _ in range(3))[1]
+
+
+@torch.no_grad()
+def bench_model(model, prefills, decodes, device, reps: int = 3, prompt: int = 128, steps: int = 16) -> list[dict]:
+    vocab = model.config.get_text_config().vocab_size
+    rows = []
+    for b, s in prefills:
+        fn = prefill_fn(model, b, s, vocab, device)
+        row = {"kind": "prefill", "batch": b, "seqlen": s}
+        row["eager_ms"], row["eager_error"] = _attempt(lambda: 1e3 * timeit(fn, reps, warmup=1))
+        if device.type == "cuda":
+            row["graph_ms"], row["graph_error"] = _attempt(lambda: 1e3 * graph_time(fn, reps))
+        rows.append({k: v for k, v in row.items() if v is not None})
+        print(json.dumps(rows[-1]), flush=True)
+    for b in decodes:
+        row = {"kind": "decode", "batch": b, "prompt": prompt, "steps": steps}
+        row["eager_ms"], row["eager_error"] = _attempt(lambda: 1e3 * decode_time(model, b, prompt, steps, vocab, device))
+        rows.append({k: v for k, v in row.items() if v is not None})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+@torch.no_grad()
+def logits_check(model, ref: torch.Tensor, ids: torch.Tensor) -> dict:
+    out = model(input_ids=ids, use_cache=False).logits.float()
+    diff = (out - ref).abs()
+    return {"max_abs_diff": float(diff.max()), "ref_max_abs": float(ref.abs().max()),
+            "argmax_agreement": float((out.argmax(-1) == ref.argmax(-1)).float().mean())}
+
+
+@torch.no_grad()
+def run(model_spec: str = "llama-2-7b", dtype=torch.bfloat16, device=None, layers: int | None = None,
+        tokens=(1, 16, 256, 2048, 8192, 16384), prefills=((1, 2048), (8, 2048)), decodes=(1, 32), reps: int = 10,
+        model_reps: int = 3, variants=("dense", "llmprune", "stock"), linears: bool = True, save=None) -> dict:
+    """The whole comparison; returns a JSON-ready dict (also handed to ``save`` after each part)."""
+    from .report import versions
+
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    result = {"model": model_spec, "dtype": str(dtype).replace("torch.", ""), "device": str(device),
+              "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+              "cuda": torch.version.cuda, "versions": versions(), "tokens": list(tokens),
+              "timing": "eager: back-to-back calls incl. host cost; graph: CUDA graph replay (GPU time)"}
+    t0 = time.perf_counter()
+    model = build_model(model_spec, dtype, device, layers)
+    cfg = model.config.get_text_config()
+    result["layers"] = cfg.num_hidden_layers
+    result["build_s"] = time.perf_counter() - t0
+    if linears:
+        result["linears"] = bench_linears(linear_shapes(cfg), tokens, dtype, device, reps)
+        if save:
+            save(result)
+    ids = torch.randint(0, cfg.vocab_size, (2, 64), device=device, generator=torch.Generator(device).manual_seed(3))
+    ref = model(input_ids=ids, use_cache=False).logits.float()
+    result["model_runs"] = {}
+    for variant in variants:
+        print(f"== {variant}", flush=True)
+        entry = {}
+        undo = None
+        t0 = time.perf_counter()
+        if variant == "llmprune":
+            swapped, err = _attempt(lambda: sparse24.sparsify(model, reps=max(3, reps // 2)))
+            if err:
+                result["model_runs"][variant] = {"error": err}
+                continue
+            originals, plan = swapped
+            entry["plan"] = plan.timings
+            plan.force = True  # the sparse kernel in every Linear, whatever the plan says
+            entry["check_all_sparse"], err = _attempt(lambda: logits_check(model, ref, ids))
+            plan.force = None
+            if err:
+                entry["check_all_sparse_error"] = err
+            undo = lambda: sparse24.restore(originals)  # noqa: E731
+        elif variant == "stock":
+            saved, err = (None, "needs CUDA") if device.type != "cuda" else _attempt(lambda: stock_swap(model))
+            if err:
+                result["model_runs"][variant] = {"error": err}
+                continue
+            undo = lambda: stock_restore(saved)  # noqa: E731
+        entry["setup_s"] = time.perf_counter() - t0
+        entry["check"], err = _attempt(lambda: logits_check(model, ref, ids))
+        if err:
+            entry["check_error"] = err
+        entry["rows"] = bench_model(model, prefills, decodes, device, model_reps)
+        result["model_runs"][variant] = entry
+        if save:
+            save(result)
+        if undo:
+            undo()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return result

@@ -1,0 +1,242 @@
+"""2:4 inference on CUDA through cuSPARSELt, called directly (no tensor subclass, no F.linear dispatch).
+
+Each pruned Linear (or a fused group: q/k/v, gate/up) keeps its weight twice: compressed for
+``torch._cslt_sparse_mm`` and dense for the token counts where dense is faster. Which one runs is
+decided per weight shape and token-count bucket by timing both once, at swap time (``plan``).
+
+Layout: cuSPARSELt multiplies sparse(A) @ dense(B). With A = W [out, in] (2:4 along ``in``) and
+B = x^T (a free transposed view of the row-major activations), ``transpose_result=True`` makes the
+product come out as y = x W^T, row-major [tokens, out]: no copy before or after the kernel.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import UsageError
+
+BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)  # token counts timed at swap time
+MARGIN = 0.95  # sparse must be at least 5% faster to be chosen: ties go to dense
+PAD = 8  # cuSPARSELt's dense operand needs a multiple of 8 columns in bf16/fp16
+GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))  # Linears that share their input
+
+
+class Kernels:
+    """The three cuSPARSELt entry points; replaced by an emulation in CPU tests."""
+
+    compress = staticmethod(lambda w: torch._cslt_compress(w))
+    search = staticmethod(lambda packed, b: torch._cslt_sparse_mm_search(packed, b, transpose_result=True))
+    mm = staticmethod(lambda packed, b, bias, alg: torch._cslt_sparse_mm(packed, b, bias, transpose_result=True,
+                                                                          alg_id=alg))
+
+
+def is_2to4(weight: torch.Tensor) -> bool:
+    rows, cols = weight.shape
+    if cols % 4:
+        return False
+    return bool(((weight.reshape(rows, cols // 4, 4) != 0).sum(-1) <= 2).all())
+
+
+def bucket_of(tokens: int) -> int:
+    """The smallest timed token count >= ``tokens`` (the largest beyond the last)."""
+    for b in BUCKETS:
+        if tokens <= b:
+            return b
+    return BUCKETS[-1]
+
+
+@dataclass
+class Choice:
+    sparse: bool = False
+    alg: int = 0
+
+
+@dataclass
+class Plan:
+    """Per (out, in, dtype) and token bucket: sparse or dense, and the cuSPARSELt algorithm id."""
+
+    choices: dict = field(default_factory=dict)
+    timings: list = field(default_factory=list)
+    force: bool | None = None  # True: sparse everywhere, False: dense everywhere (tests, checks)
+
+    def get(self, key, tokens: int) -> Choice:
+        choice = self.choices.get((key, bucket_of(tokens)), Choice())
+        return choice if self.force is None else Choice(self.force, choice.alg)
+
+
+class SparseCore(nn.Module):
+    """y = x W^T (+ b) with W kept dense and cuSPARSELt-compressed; the plan picks per call."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, plan: Plan):
+        super().__init__()
+        if not is_2to4(weight):
+            raise UsageError(f"a {tuple(weight.shape)} weight is not 2:4 sparse; prune it with --pattern 2:4 first")
+        self.register_buffer("dense", weight, persistent=False)
+        self.register_buffer("bias", bias, persistent=False)
+        self.register_buffer("packed", Kernels.compress(weight), persistent=False)
+        self.plan = plan
+        self.key = (weight.shape[0], weight.shape[1], str(weight.dtype))
+
+    def sparse_mm(self, x2: torch.Tensor, alg: int) -> torch.Tensor:
+        t = x2.shape[0]
+        pad = (-t) % PAD
+        if pad:
+            x2 = F.pad(x2, (0, 0, 0, pad))
+        y = Kernels.mm(self.packed, x2.t(), self.bias, alg)
+        return y[:t] if pad else y
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, x.shape[-1])
+        choice = self.plan.get(self.key, x2.shape[0])
+        if not choice.sparse:
+            return F.linear(x, self.dense, self.bias)
+        return self.sparse_mm(x2, choice.alg).view(*x.shape[:-1], self.dense.shape[0])
+
+
+class _Fused:
+    """Shared state of a fused group: the first member's call computes all outputs for that input."""
+
+    def __init__(self, core: SparseCore, sizes: list[int]):
+        self.core, self.bounds = core, []
+        start = 0
+        for s in sizes:
+            self.bounds.append((start, start + s))
+            start += s
+        self.x = self.y = None
+        self.left = 0
+
+    def slice(self, x: torch.Tensor, index: int) -> torch.Tensor:
+        if self.left == 0 or self.x is not x:
+            self.x, self.y, self.left = x, self.core(x), len(self.bounds)
+        a, b = self.bounds[index]
+        out = self.y[..., a:b]
+        self.left -= 1
+        if self.left == 0:
+            self.x = self.y = None
+        return out
+
+
+class FusedMember(nn.Module):
+    """Stands in for one Linear of a fused group (e.g. k_proj of q/k/v); ``weight`` is a view of the fused one."""
+
+    def __init__(self, group: _Fused, index: int, core: SparseCore):
+        super().__init__()
+        self.group, self.index = group, index
+        a, b = group.bounds[index]
+        self.weight = core.dense[a:b]
+        if index == 0:
+            self.core = core  # registered once, so .to()/state_dict see it
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.group.slice(x, self.index)
+
+
+def _cat(tensors):
+    return None if any(t is None for t in tensors) else torch.cat(tensors)
+
+
+@torch.no_grad()
+def swap_block(block: nn.Module, plan: Plan, fuse: bool = True) -> dict:
+    """Replace the 2:4 Linears of one decoder block by sparse cores; returns {path: (parent, name, Linear)}.
+
+    Linears reading the same input (Llama-style q/k/v and gate/up) become one fused sparse matmul.
+    Linears that are not 2:4 stay as they are.
+    """
+    originals = {}
+    linears = {p: m for p, m in block.named_modules() if type(m) is nn.Linear and is_2to4(m.weight)}
+    parents = {}
+    for path in linears:
+        parent, _, name = path.rpartition(".")
+        parents.setdefault(parent, []).append(name)
+    for parent_path, names in parents.items():
+        parent = block.get_submodule(parent_path) if parent_path else block
+        done = set()
+        for group in GROUPS if fuse else ():
+            if all(n in names for n in group):
+                lins = [getattr(parent, n) for n in group]
+                core = SparseCore(torch.cat([m.weight for m in lins]), _cat([m.bias for m in lins]), plan)
+                fused = _Fused(core, [m.out_features for m in lins])
+                for i, n in enumerate(group):
+                    originals[f"{parent_path}.{n}".lstrip(".")] = (parent, n, lins[i])
+                    setattr(parent, n, FusedMember(fused, i, core))
+                done.update(group)
+        for n in names:
+            if n not in done:
+                lin = getattr(parent, n)
+                originals[f"{parent_path}.{n}".lstrip(".")] = (parent, n, lin)
+                setattr(parent, n, SparseCore(lin.weight, lin.bias, plan))
+    return originals
+
+
+def restore(originals: dict) -> None:
+    for parent, name, lin in originals.values():
+        setattr(parent, name, lin)
+
+
+def _timeit(fn, reps: int) -> float:
+    """Seconds per call of back-to-back calls (host cost included), median of 3 rounds."""
+    fn()
+    rounds = []
+    for _ in range(3):
+        _sync()
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        _sync()
+        rounds.append((time.perf_counter() - t0) / reps)
+    return sorted(rounds)[1]
+
+
+def _sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+@torch.no_grad()
+def plan_cores(cores: list[SparseCore], plan: Plan, buckets=BUCKETS, reps: int = 10) -> Plan:
+    """Time dense vs sparse (best algorithm) once per distinct weight shape and token bucket."""
+    seen = {}
+    for core in cores:
+        seen.setdefault(core.key, core)
+    for key, core in seen.items():
+        for t in buckets:
+            x = torch.randn(t, core.dense.shape[1], dtype=core.dense.dtype, device=core.dense.device)
+            try:
+                alg = int(Kernels.search(core.packed, x.t())) if t % PAD == 0 else 0
+            except RuntimeError:
+                alg = 0
+            dense_s = _timeit(lambda: F.linear(x, core.dense, core.bias), reps)
+            sparse_s = _timeit(lambda: core.sparse_mm(x, alg), reps)
+            use = sparse_s < MARGIN * dense_s
+            plan.choices[(key, t)] = Choice(use, alg)
+            plan.timings.append({"shape": list(key[:2]), "dtype": key[2], "tokens": t, "alg": alg,
+                                 "dense_ms": dense_s * 1e3, "sparse_ms": sparse_s * 1e3,
+                                 "chosen": "sparse" if use else "dense"})
+    return plan
+
+
+def cores_of(model: nn.Module) -> list[SparseCore]:
+    return [m for m in model.modules() if isinstance(m, SparseCore)]
+
+
+def sparsify(model: nn.Module, fuse: bool = True, buckets=BUCKETS, reps: int = 10) -> tuple[dict, Plan]:
+    """Swap every 2:4 Linear of the decoder blocks for a sparse core and plan dense/sparse per bucket.
+
+    Returns ``(originals, plan)``; ``restore(originals)`` puts the plain Linears back.
+    """
+    from .models import find_decoder
+
+    plan = Plan()
+    originals = {}
+    for i, block in enumerate(find_decoder(model)[1]):
+        for k, v in swap_block(block, plan, fuse).items():
+            originals[f"{i}.{k}"] = v
+    if not originals:
+        raise UsageError("no 2:4 Linear found in the decoder blocks; prune with --pattern 2:4 first")
+    plan_cores(cores_of(model), plan, buckets, reps)
+    return originals, plan
