@@ -75,15 +75,18 @@ def test_plan_picks_per_bucket(emulated):
     model = pruned_24()
     originals, plan = sparse24.sparsify(model, buckets=(1, 32), reps=1)
     key = sparse24.cores_of(model)[0].key
-    assert {b for (k, b) in plan.choices if k == key} == {1, 32}
-    for k, b in list(plan.choices):
-        plan.choices[(k, b)] = sparse24.Choice(sparse=b >= 32)
+    assert {(m, b) for (m, k, b) in plan.choices if k == key} == {("eager", 1), ("eager", 32)}  # no graph on CPU
+    for m, k, b in list(plan.choices):
+        plan.choices[(m, k, b)] = sparse24.Choice(sparse=b >= 32)
     emulated.calls = 0
     with torch.no_grad():
         model(input_ids=random_tokens(1, 1))  # 1 token: dense everywhere
         assert emulated.calls == 0
         model(input_ids=random_tokens(1, 20))  # 20 tokens -> bucket 32: sparse
         assert emulated.calls == 8
+        plan.mode = "graph"  # no graph timings: the eager choice stands
+        model(input_ids=random_tokens(1, 20))
+        assert emulated.calls == 16
 
 
 def test_refuses_model_without_2to4_layers(emulated):

@@ -45,21 +45,7 @@ def timeit(fn, reps: int = 10, warmup: int = 2) -> float:
     return sorted(rounds)[1]
 
 
-def graph_time(fn, reps: int = 10) -> float:
-    """Seconds per call, GPU time alone: ``reps`` calls captured in one CUDA graph, replayed."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(reps):
-            fn()
-    t = timeit(graph.replay, reps=3, warmup=1) / reps
-    del graph
-    return t
+graph_time = sparse24.graph_time
 
 
 def _attempt(fn):
@@ -211,7 +197,8 @@ def decode_time(model, batch: int, prompt: int, steps: int, vocab: int, device) 
 
 
 @torch.no_grad()
-def bench_model(model, prefills, decodes, device, reps: int = 3, prompt: int = 128, steps: int = 16) -> list[dict]:
+def bench_model(model, prefills, decodes, device, reps: int = 3, prompt: int = 128, steps: int = 16,
+                plan: sparse24.Plan | None = None) -> list[dict]:
     vocab = model.config.get_text_config().vocab_size
     rows = []
     for b, s in prefills:
@@ -219,7 +206,11 @@ def bench_model(model, prefills, decodes, device, reps: int = 3, prompt: int = 1
         row = {"kind": "prefill", "batch": b, "seqlen": s}
         row["eager_ms"], row["eager_error"] = _attempt(lambda: 1e3 * timeit(fn, reps, warmup=1))
         if device.type == "cuda":
+            if plan is not None:
+                plan.mode = "graph"  # the choices timed as GPU time, since the graph removes host cost
             row["graph_ms"], row["graph_error"] = _attempt(lambda: 1e3 * graph_time(fn, reps))
+            if plan is not None:
+                plan.mode = "eager"
         rows.append({k: v for k, v in row.items() if v is not None})
         print(json.dumps(rows[-1]), flush=True)
     for b in decodes:
@@ -265,7 +256,7 @@ def run(model_spec: str = "llama-2-7b", dtype=torch.bfloat16, device=None, layer
     for variant in variants:
         print(f"== {variant}", flush=True)
         entry = {}
-        undo = None
+        undo = plan = None
         t0 = time.perf_counter()
         if variant == "llmprune":
             swapped, err = _attempt(lambda: sparse24.sparsify(model, reps=max(3, reps // 2)))
@@ -290,7 +281,8 @@ def run(model_spec: str = "llama-2-7b", dtype=torch.bfloat16, device=None, layer
         entry["check"], err = _attempt(lambda: logits_check(model, ref, ids))
         if err:
             entry["check_error"] = err
-        entry["rows"] = bench_model(model, prefills, decodes, device, model_reps)
+        entry["rows"] = bench_model(model, prefills, decodes, device, model_reps,
+                                    plan=plan if variant == "llmprune" else None)
         result["model_runs"][variant] = entry
         if save:
             save(result)
