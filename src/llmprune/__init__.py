@@ -2,6 +2,7 @@
 
 __version__ = "0.1.0"
 
+from .compressed import load  # noqa: E402
 from .api import PruneResult, evaluate_perplexity, prune  # noqa: E402
 from .config import Calibration, EvalSettings  # noqa: E402
 from .errors import UsageError  # noqa: E402
@@ -10,5 +11,5 @@ from .patterns import NM, Unstructured, parse_pattern, select  # noqa: E402
 
 __all__ = [
     "NM", "Calibration", "EvalSettings", "PruneResult", "Unstructured", "UsageError",
-    "evaluate_perplexity", "load_model", "parse_pattern", "prune", "select",
+    "evaluate_perplexity", "load", "load_model", "parse_pattern", "prune", "select",
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from pathlib import Path
@@ -74,6 +75,7 @@ def prune(
     max_eval_windows: Optional[int] = MaxWinOpt,
     out: Optional[Path] = typer.Option(None, "--out", help="Save the pruned model (HF folder, safetensors) here."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out folder."),
+    format: str = typer.Option("dense", "--format", help="dense (HF checkpoint with zeros) | compressed (packed; load with llmprune.load)."),
     report: Optional[Path] = typer.Option(None, "--report", help="Write the run's report (JSON) here."),
     data_dir: Optional[Path] = DataDirOpt,
     trust_remote_code: bool = TrustOpt,
@@ -87,7 +89,8 @@ def prune(
 
 
 def _prune(*, model, method, sparsity, pattern, calib, nsamples, seqlen, seed, calib_tokens, device, dtype, batch_size,
-           eval_sets, eval_seqlen, max_eval_windows, out, overwrite, report, data_dir, trust_remote_code, progress):
+           eval_sets, eval_seqlen, max_eval_windows, out, overwrite, format, report, data_dir, trust_remote_code,
+           progress):
     from . import api, data, devices, export, loading, report as report_mod
     from .config import Calibration, EvalSettings, parse_sets
     from .methods import get_method
@@ -100,6 +103,7 @@ def _prune(*, model, method, sparsity, pattern, calib, nsamples, seqlen, seed, c
     settings = EvalSettings(parse_sets(eval_sets), eval_seqlen or seqlen, max_eval_windows)
     dev = devices.resolve_device(device)
     dt = devices.resolve_dtype(dtype, dev)
+    export.check_format(format)
     if out is not None:
         export.check_output_dir(out, overwrite)
     if report is not None and report.is_dir():
@@ -146,7 +150,11 @@ def _prune(*, model, method, sparsity, pattern, calib, nsamples, seqlen, seed, c
         report_mod.write_json(report, payload)
     if out is not None:
         lm.to("cpu")
-        export.save_pruned(lm, tok, out, payload, overwrite)
+        export.save_pruned(lm, tok, out, payload, overwrite, format=format, pattern=pattern_obj)
+        if format == "compressed":
+            st = json.loads((out / export.REPORT_NAME).read_text())["storage"]
+            Console().print(f"pruned Linear weights: {st['linear_stored_bytes'] / 2**20:.1f} MiB stored vs "
+                            f"{st['linear_dense_bytes'] / 2**20:.1f} MiB dense ({st['linear_ratio']:.3f}x)", highlight=False)
     _print_summary(payload)
 
 
@@ -191,6 +199,41 @@ def eval_cmd(
         for name, v in ppl.items():
             table.add_row(name, f"{v.seqlen} x {v.windows}", f"{v.perplexity:.3f}")
         Console().print(table)
+    except UsageError as exc:
+        _fail(exc)
+
+
+@app.command("bench")
+def bench_cmd(
+    model: str = typer.Option("llama-2-7b", "--model", help="llama-2-7b (its shapes, random weights with 2:4 masks), a config .json, or a folder saved with --pattern 2:4."),
+    pattern: str = typer.Option("2:4", "--pattern", help="Only 2:4 has GPU kernels (cuSPARSELt)."),
+    dtype: str = typer.Option("bfloat16", "--dtype", help="bfloat16 (the measured and tested dtype) | float32 (CPU check of the dense rows)."),
+    layers: Optional[int] = typer.Option(None, "--layers", help="Keep only the first K decoder layers."),
+    tokens: str = typer.Option("1,16,256,2048,8192,16384", "--tokens", help="Token counts of the per-Linear timings."),
+    linears: bool = typer.Option(True, "--linears/--no-linears", help="Time each Linear shape alone too."),
+    device: str = DeviceOpt,
+    out: Optional[Path] = typer.Option(None, "--out", help="Write the results (JSON) here."),
+) -> None:
+    """Dense vs llmprune's 2:4 path vs torch's stock semi-structured swap: Linears, prefill, decode."""
+    try:
+        from . import bench, devices
+        from .patterns import NM, parse_pattern
+
+        if parse_pattern(pattern) != NM(2, 4):
+            raise UsageError(f"--pattern {pattern}: only 2:4 has sparse GPU kernels; use --pattern 2:4")
+        if dtype not in ("bfloat16", "float32"):
+            raise UsageError(f"--dtype {dtype}: use bfloat16 (float16 fails cuSPARSELt's algorithm search here) or float32")
+        counts = [int(t) for t in tokens.split(",") if t.strip()]
+        if not counts or min(counts) < 1:
+            raise UsageError(f"--tokens must be positive integers such as 1,16,2048, got {tokens!r}")
+        if out is not None and out.is_dir():
+            raise UsageError(f"--out {out} is a folder; give a file path such as bench.json")
+        dev = devices.resolve_device(device)
+        result = bench.run(model, devices.DTYPES[dtype], dev, layers, tokens=counts, linears=linears)
+        result["command"] = " ".join(["llmprune", *sys.argv[1:]])
+        if out is not None:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(result, indent=1))
     except UsageError as exc:
         _fail(exc)
 

@@ -10,6 +10,13 @@ from .errors import UsageError
 from .report import write_json
 
 REPORT_NAME = "llmprune_report.json"
+FORMATS = ("dense", "compressed")
+
+
+def check_format(fmt: str) -> str:
+    if fmt not in FORMATS:
+        raise UsageError(f"--format must be dense or compressed, got {fmt!r}")
+    return fmt
 
 
 def check_output_dir(out: str | os.PathLike, overwrite: bool = False) -> Path:
@@ -27,13 +34,26 @@ def check_output_dir(out: str | os.PathLike, overwrite: bool = False) -> Path:
     return out
 
 
-def save_pruned(model, tokenizer, out: str | os.PathLike, report: dict, overwrite: bool = False) -> Path:
-    """Write model + tokenizer + report to a temporary sibling, then rename it into place."""
+def save_pruned(model, tokenizer, out: str | os.PathLike, report: dict, overwrite: bool = False,
+                format: str = "dense", pattern=None) -> Path:
+    """Write model + tokenizer + report to a temporary sibling, then rename it into place.
+
+    ``format="compressed"`` stores the pruned Linears packed (see ``compressed``; needs ``pattern``)
+    and adds the byte counts to the report under ``storage``.
+    """
     out = check_output_dir(out, overwrite)
+    check_format(format)
+    if format == "compressed" and pattern is None:
+        raise UsageError("--format compressed needs the pattern the model was pruned with")
     tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        model.save_pretrained(tmp)
+        if format == "compressed":
+            from . import compressed
+
+            report = {**report, "storage": compressed.save(model, tmp, pattern)}
+        else:
+            model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         write_json(tmp / REPORT_NAME, report)

@@ -175,8 +175,13 @@ def load_model(spec: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, tr
     else:
         folder = location
     logging.getLogger("transformers").setLevel(logging.ERROR)
+    from . import compressed
+
     try:
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, trust_remote_code=trust_remote_code)
+        if compressed.is_compressed(folder):
+            model = compressed.load(folder, dtype=dtype)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, trust_remote_code=trust_remote_code)
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
     except UsageError:
         raise
