@@ -76,10 +76,62 @@ def llmc_table(path: Path) -> str:
     ])
 
 
+def _x(num, den) -> str:
+    return f"{num / den:.2f}x" if num and den else "-"
+
+
+def sparse24_table(path: Path) -> str:
+    r = json.loads(path.read_text())
+    runs = r["model_runs"]
+    head = (f"{r['gpu']}, torch {r['versions']['torch']}, CUDA {r['cuda']}, transformers {r['versions']['transformers']}; "
+            f"Llama-2-7B shapes, {r['layers']} layers, random {r['dtype']} weights with 2:4 magnitude masks; "
+            f"one run: `{r['command']}`. Speed-up = dense time / sparse time (>1 is faster).\n\n")
+    out = [head + "Per Linear, GPU time (CUDA-graph replay; the eager column adds host cost: back-to-back calls):\n",
+           "| Linear [out x in] | tokens | dense (ms) | llmprune 2:4 (ms) | speed-up | stock swap speed-up | "
+           "llmprune eager speed-up |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for row in r["linears"]:
+        d, l, s = row.get("dense_graph_ms"), row.get("llmprune_graph_ms"), row.get("stock_graph_ms")
+        out.append(f"| {row['linear']} [{row['out']} x {row['in']}] | {row['tokens']} | {d:.3f} | {l:.3f} | "
+                   f"{_x(d, l)} | {_x(d, s)} | {_x(row.get('dense_eager_ms'), row.get('llmprune_eager_ms'))} |")
+    out += ["", "Whole model (eager: plain PyTorch calls; graph: the forward captured once as a CUDA graph, "
+            "replayed); decode: one step of batch tokens after a 128-token prompt, HF dynamic cache, eager:\n",
+            "| run | dense (ms) | llmprune 2:4 (ms) | speed-up | stock swap (ms) | speed-up |", "|---|---:|---:|---:|---:|---:|"]
+    for i, row in enumerate(runs["dense"]["rows"]):
+        modes = ("eager", "graph") if row["kind"] == "prefill" else ("eager",)
+        for mode in modes:
+            label = (f"prefill {row['batch']} x {row['seqlen']}, {mode}" if row["kind"] == "prefill"
+                     else f"decode, batch {row['batch']}, {mode}")
+            d = row.get(f"{mode}_ms")
+            lr, sr = runs["llmprune"]["rows"][i], runs["stock"]["rows"][i]
+            l, s = lr.get(f"{mode}_ms"), sr.get(f"{mode}_ms")
+            s_cell = f"{s:.1f}" if s else f"fails: {sr.get(f'{mode}_error', '')[:60]}"
+            out.append(f"| {label} | {d:.1f} | {l:.1f} | {_x(d, l)} | {s_cell} | {_x(d, s)} |")
+    chk = runs["llmprune"]
+    out += ["", f"Logits of a 2 x 64-token input against the dense pruned model (max |logit| "
+            f"{chk['check_all_sparse']['ref_max_abs']:.2f}): llmprune with the sparse kernel in every Linear, max abs "
+            f"difference {chk['check_all_sparse']['max_abs_diff']:.3f}, argmax agreement "
+            f"{100 * chk['check_all_sparse']['argmax_agreement']:.1f}%; stock swap "
+            f"{runs['stock']['check']['max_abs_diff']:.3f}, {100 * runs['stock']['check']['argmax_agreement']:.1f}%."]
+    return "\n".join(out)
+
+
+def storage_table(path: Path) -> str:
+    r = json.loads(path.read_text())
+    out = [f"{r['model']}, {r['method']} pruning, `--format dense` vs `--format compressed` (weights file only):\n",
+           "| dtype | pattern | dense file (MiB) | compressed file (MiB) | pruned Linears: stored / dense | bit-exact reload |",
+           "|---|---|---:|---:|---:|---|"]
+    for x in r["rows"]:
+        out.append(f"| {x['dtype']} | {x['pattern'] if x['pattern'] != 'unstructured' else '50% unstructured'} | "
+                   f"{x['dense_file_bytes'] / 2**20:.1f} | {x['compressed_file_bytes'] / 2**20:.1f} | "
+                   f"{x['linear_ratio']:.4f} | {'yes' if x['bit_exact'] else 'NO'} |")
+    return "\n".join(out)
+
+
 if __name__ == "__main__":
     for name, fn in [("paper_table_smollm2.json", paper_table), ("prune_time_smollm2.json", prune_time_table),
                      ("gpu_check_h200.json", gpu_table),
-                     ("vs_llmcompressor_smollm2.json", llmc_table)]:
+                     ("vs_llmcompressor_smollm2.json", llmc_table), ("sparse24_h200_bf16.json", sparse24_table),
+                     ("storage_smollm2.json", storage_table)]:
         if (RESULTS / name).is_file():
             print(f"<!-- {name} -->\n{fn(RESULTS / name)}\n")
         else:

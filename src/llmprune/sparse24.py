@@ -76,6 +76,9 @@ class SparseCore(nn.Module):
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, plan: Plan):
         super().__init__()
+        if weight.is_cuda and weight.dtype == torch.float16:
+            raise UsageError("the 2:4 GPU path runs in bfloat16 only: in float16 cuSPARSELt's algorithm search failed "
+                             "with an internal error on the H200 (torch 2.11); load the model with --dtype bfloat16")
         if not is_2to4(weight):
             raise UsageError(f"a {tuple(weight.shape)} weight is not 2:4 sparse; prune it with --pattern 2:4 first")
         self.register_buffer("dense", weight, persistent=False)
