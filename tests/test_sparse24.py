@@ -1,5 +1,7 @@
 """2:4 inference path: the swap logic on CPU (cuSPARSELt emulated), the real kernels behind the gpu marker."""
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -103,6 +105,26 @@ def test_bench_runs_dense_rows_on_cpu(tmp_path):
     assert all("dense_eager_ms" in row and row["llmprune_error"] for row in r["linears"])
     assert r["model_runs"]["stock"] == {"error": "needs CUDA"}
     assert {row["kind"] for row in r["model_runs"]["dense"]["rows"]} == {"prefill", "decode"}
+
+
+def test_cli_bench(tmp_path):
+    from typer.testing import CliRunner
+
+    from llmprune.cli import app
+
+    cfg, out = tmp_path / "config.json", tmp_path / "b.json"
+    tiny_model("llama").config.to_json_file(cfg)
+    runner = CliRunner()
+    res = runner.invoke(app, ["bench", "--model", str(cfg), "--pattern", "4:8"])
+    assert res.exit_code == 2 and "only 2:4 has sparse GPU kernels" in res.output
+    res = runner.invoke(app, ["bench", "--model", str(cfg), "--prefills", "2x", "--device", "cpu"])
+    assert res.exit_code == 2 and "--prefills" in res.output
+    res = runner.invoke(app, ["bench", "--model", str(cfg), "--dtype", "float32", "--device", "cpu", "--tokens", "4",
+                              "--prefills", "1x16", "--decodes", "", "--out", str(out)], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    r = json.loads(out.read_text())
+    assert "command" in r and [x["tokens"] for x in r["linears"]] == [4] * 5
+    assert [row["kind"] for row in r["model_runs"]["dense"]["rows"]] == ["prefill"]
 
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
