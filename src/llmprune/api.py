@@ -13,9 +13,10 @@ from .config import Calibration, EvalSettings
 from .devices import resolve_device, synchronize
 from .errors import UsageError
 from .evaluate import Perplexity, perplexity, windows_of
+from .layerwise import OWL, block_outlier_ratios, block_sizes, owl_sparsities, parse_layerwise
 from .methods import get_method
-from .models import context_length, needs_bos
-from .patterns import Pattern, parse_pattern
+from .models import context_length, find_decoder, needs_bos
+from .patterns import Pattern, Unstructured, parse_pattern
 from .runner import LayerResult, prune_blocks
 
 
@@ -73,15 +74,31 @@ def prune(
     batch_size: int = 8,
     data_dir: str | Path | None = None,
     progress: bool = True,
+    layerwise: OWL | str | list[float] | None = None,
+    permute: bool = False,
+    update: str | None = None,
 ) -> PruneResult:
     """Prune ``model`` in place, block by block; returns what was done.
 
     ``pattern`` is an ``Unstructured``/``NM`` object or a string ("unstructured", "2:4");
     ``calib_tokens`` ([nsamples, seqlen] ids) replaces sampling from ``calibration``; pass both when
     the tokens were drawn from that calibration setting, so that the result records it.
+    ``layerwise``: None/"uniform", "owl" or ``OWL(m, lam)``, or one sparsity per block (unstructured
+    only). ``permute``: choose N:M masks on permuted input channels (score methods). ``update="lsq"``:
+    re-fit the kept weights by least squares on the calibration inputs after the mask.
     """
-    method = get_method(method)
+    method = get_method(method, permute=permute, update=update)
     pattern = as_pattern(pattern, sparsity)
+    if isinstance(layerwise, str):
+        layerwise = parse_layerwise(layerwise)
+    if layerwise is not None and not isinstance(pattern, Unstructured):
+        raise UsageError(f"--layerwise works with unstructured sparsity only, not --pattern {pattern}")
+    if getattr(method, "permute", False) or getattr(getattr(method, "method", None), "permute", False):
+        if isinstance(pattern, Unstructured):
+            raise UsageError("--permute only changes N:M masks; use it with --pattern N:M")
+    if isinstance(layerwise, OWL) and not 0 <= pattern.sparsity - layerwise.lam <= pattern.sparsity + layerwise.lam < 1:
+        raise UsageError(f"--layerwise owl: --sparsity {pattern.sparsity} +- --owl-lambda {layerwise.lam} leaves [0, 1); "
+                         "use a smaller --owl-lambda")
     device = device if isinstance(device, torch.device) else resolve_device(device)
     if batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
@@ -89,7 +106,7 @@ def prune(
     model.eval()
     start = time.perf_counter()
     tokens, calib_info = None, None
-    if method.needs:
+    if method.needs or isinstance(layerwise, OWL):
         if calib_tokens is None:
             calibration = calibration or Calibration()
             tokens = calibration_tokens(model, tokenizer, calibration, data_dir)
@@ -98,10 +115,27 @@ def prune(
             check_seqlen(model, tokens.shape[1], "--calib-tokens seqlen")
         calib_info = calibration.to_dict() if calibration is not None else {
             "source": "tokens", "nsamples": tokens.shape[0], "seqlen": tokens.shape[1], "seed": None}
-    layers = prune_blocks(model, method, pattern, tokens, device, batch_size, progress)
+    settings = method.settings()
+    block_patterns = None
+    if layerwise is not None:
+        if isinstance(layerwise, OWL):
+            t0 = time.perf_counter()
+            ratios = block_outlier_ratios(model, tokens, device, batch_size, layerwise.m, progress)
+            per_block = owl_sparsities(ratios, pattern.sparsity, layerwise.lam, block_sizes(model))
+            settings.update(layerwise="owl", owl_m=layerwise.m, owl_lambda=layerwise.lam, outlier_ratios=ratios,
+                            owl_pass_s=time.perf_counter() - t0)
+        else:
+            per_block = [float(v) for v in layerwise]
+            n_blocks = len(find_decoder(model)[1])
+            if len(per_block) != n_blocks:
+                raise UsageError(f"--layerwise gives {len(per_block)} sparsities but the model has {n_blocks} blocks")
+            settings.update(layerwise="list")
+        settings["block_sparsity"] = per_block
+        block_patterns = [Unstructured(s, pattern.scope) for s in per_block]
+    layers = prune_blocks(model, method, pattern, tokens, device, batch_size, progress, block_patterns)
     synchronize(device)
     model.train(was_training)
-    return PruneResult(method.name, pattern, layers, time.perf_counter() - start, calib_info, method.settings())
+    return PruneResult(method.name, pattern, layers, time.perf_counter() - start, calib_info, settings)
 
 
 def eval_windows(model, tokenizer, settings: EvalSettings, data_dir=None) -> dict[str, torch.Tensor]:

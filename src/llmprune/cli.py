@@ -59,9 +59,14 @@ def _print_summary(report: dict) -> None:
 @app.command()
 def prune(
     model: str = ModelOpt,
-    method: str = typer.Option("wanda", "--method", help="wanda | sparsegpt | magnitude"),
+    method: str = typer.Option("wanda", "--method", help="wanda | wanda-variant | ria | sparsegpt | magnitude"),
     sparsity: float = typer.Option(0.5, "--sparsity", help="Fraction in [0, 1) for unstructured."),
     pattern: str = typer.Option("unstructured", "--pattern", help="unstructured, or N:M (e.g. 2:4, 4:8, 1:4)."),
+    layerwise: str = typer.Option("uniform", "--layerwise", help="Per-block sparsity (unstructured): uniform | owl | comma list | file of sparsities."),
+    owl_m: float = typer.Option(5.0, "--owl-m", help="OWL: a score is an outlier above M x its block's mean score."),
+    owl_lambda: float = typer.Option(0.08, "--owl-lambda", help="OWL: block sparsities stay within --sparsity +- lambda."),
+    permute: bool = typer.Option(False, "--permute", help="N:M: choose masks on permuted input channels (wanda, ria, magnitude)."),
+    update: str = typer.Option("none", "--update", help="none | lsq: re-fit the kept weights by least squares after the mask."),
     calib: str = typer.Option("c4", "--calib", help="c4 | wikitext2 | path to a .txt or .jsonl (text field) file."),
     nsamples: int = typer.Option(128, "--nsamples", help="Number of calibration windows."),
     seqlen: int = typer.Option(2048, "--seqlen", help="Calibration window length in tokens."),
@@ -88,17 +93,25 @@ def prune(
         _fail(exc)
 
 
-def _prune(*, model, method, sparsity, pattern, calib, nsamples, seqlen, seed, calib_tokens, device, dtype, batch_size,
-           eval_sets, eval_seqlen, max_eval_windows, out, overwrite, format, report, data_dir, trust_remote_code,
-           progress):
+def _prune(*, model, method, sparsity, pattern, layerwise, owl_m, owl_lambda, permute, update, calib, nsamples, seqlen,
+           seed, calib_tokens, device, dtype, batch_size, eval_sets, eval_seqlen, max_eval_windows, out, overwrite,
+           format, report, data_dir, trust_remote_code, progress):
     from . import api, data, devices, export, loading, report as report_mod
     from .config import Calibration, EvalSettings, parse_sets
+    from .layerwise import OWL, parse_layerwise
     from .methods import get_method
-    from .patterns import parse_pattern
+    from .patterns import Unstructured, parse_pattern
 
     # every string is checked before the model is loaded
-    method_obj = get_method(method)
+    method_obj = get_method(method, permute=permute, update=update)
     pattern_obj = parse_pattern(pattern, sparsity)
+    layerwise_obj = parse_layerwise(layerwise)
+    if isinstance(layerwise_obj, OWL):
+        layerwise_obj = OWL(owl_m, owl_lambda)
+    if layerwise_obj is not None and not isinstance(pattern_obj, Unstructured):
+        raise UsageError(f"--layerwise works with unstructured sparsity only, not --pattern {pattern_obj}")
+    if permute and isinstance(pattern_obj, Unstructured):
+        raise UsageError("--permute only changes N:M masks; use it with --pattern N:M")
     calibration = Calibration(calib, nsamples, seqlen, seed)
     settings = EvalSettings(parse_sets(eval_sets), eval_seqlen or seqlen, max_eval_windows)
     dev = devices.resolve_device(device)
@@ -120,7 +133,7 @@ def _prune(*, model, method, sparsity, pattern, calib, nsamples, seqlen, seed, c
     load_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     tokens = data.load_token_file(calib_tokens, lm.config.get_text_config().vocab_size) if calib_tokens else None
-    if tokens is None and method_obj.needs:  # sample now so bad calibration input fails before evaluation
+    if tokens is None and (method_obj.needs or isinstance(layerwise_obj, OWL)):  # sample now so bad calibration input fails before evaluation
         tokens = api.calibration_tokens(lm, tok, calibration, ddir)
     else:
         calibration = None  # the report then describes the given token file
@@ -134,7 +147,8 @@ def _prune(*, model, method, sparsity, pattern, calib, nsamples, seqlen, seed, c
         eval_s += time.perf_counter() - t0
         lm.to("cpu")
     result = api.prune(lm, tok, method=method_obj, pattern=pattern_obj, calibration=calibration,
-                       calib_tokens=tokens, device=dev, batch_size=batch_size, data_dir=ddir, progress=progress)
+                       calib_tokens=tokens, device=dev, batch_size=batch_size, data_dir=ddir, progress=progress,
+                       layerwise=layerwise_obj)
     pruned_ppl = {}
     if settings.sets:
         t0 = time.perf_counter()

@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from .capture import BlockCall, StopForward, collect_statistics, record_block_calls
+from .errors import UsageError
 from .models import find_decoder, prunable_layers, set_weight_matrix, weight_matrix
 from .patterns import Pattern, check_fits
 
@@ -88,9 +90,15 @@ def prune_blocks(
     device: torch.device,
     batch_size: int = 8,
     progress: bool = True,
+    block_patterns: Sequence[Pattern] | None = None,
 ) -> list[LayerResult]:
-    """Prune every decoder block's Linear layers in place; embeddings and lm_head are untouched."""
+    """Prune every decoder block's Linear layers in place; embeddings and lm_head are untouched.
+
+    ``block_patterns`` (one per block) replaces ``pattern`` block by block (per-block sparsity).
+    """
     decoder, blocks = find_decoder(model)
+    if block_patterns is not None and len(block_patterns) != len(blocks):
+        raise UsageError(f"--layerwise gives {len(block_patterns)} sparsities but the model has {len(blocks)} blocks")
     names = {id(m): n for n, m in model.named_modules()}
     for block in blocks:
         for name, layer in prunable_layers(block).items():
@@ -116,7 +124,7 @@ def prune_blocks(
         for name, layer in layers.items():
             w = weight_matrix(layer)
             stats = collector.for_layer(name) if collector else {}
-            new_w, _keep = method.prune(w, stats, pattern)
+            new_w, _keep = method.prune(w, stats, pattern if block_patterns is None else block_patterns[index])
             set_weight_matrix(layer, new_w)
             results.append(LayerResult(f"{names[id(block)]}.{name}", tuple(w.shape), int((w == 0).sum())))
         del collector

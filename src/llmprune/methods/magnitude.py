@@ -14,6 +14,7 @@ class Magnitude(ScoreMethod):
     name = "magnitude"
     needs = ()
     default_scope = "matrix"
+    permute: bool = False
 
     def score(self, weight, stats) -> torch.Tensor:
         return weight.abs().float()

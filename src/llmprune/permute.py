@@ -1,0 +1,65 @@
+"""Input-channel permutation for N:M: reorder columns so more score mass survives the N:M constraint.
+
+The permutation is only used to choose the mask: the mask is selected on the permuted score matrix and
+permuted back, so weights stay where they are and the pruned layer computes exactly what the same mask
+would compute on the physically permuted layer. The saved weights are therefore N:M only in the
+permuted column order, not in the original order (see ``nm_permutation``).
+"""
+
+from __future__ import annotations
+
+import torch
+from scipy.optimize import linear_sum_assignment
+
+from .patterns import NM, select
+
+
+def retained(scores: torch.Tensor, pattern: NM, perm: torch.Tensor | None = None) -> float:
+    """Total score kept by the N:M mask of ``scores`` with columns taken in ``perm`` order."""
+    s = scores if perm is None else scores[:, perm]
+    return float((s * select(s, pattern)).sum())
+
+
+def nm_permutation(scores: torch.Tensor, pattern: NM, rounds: int = 1, chunk_elems: int = 1 << 24) -> torch.Tensor:
+    """A column order ``perm`` (position p holds original column ``perm[p]``) that keeps more score under N:M.
+
+    Start: channels sorted by total score, dealt round-robin so each group of M gets one channel of each
+    tier. Then, for each slot of the groups in turn, the channels in that slot are re-assigned to groups
+    by an optimal assignment (Hungarian, scipy) of the exact gain: a channel c added to a group whose other
+    M-1 entries have N-th largest value t gains sum over rows of max(0, s_c - t). Each assignment can only
+    raise the kept score; the identity order is returned if it keeps more.
+    """
+    rows, cols = scores.shape
+    m, n = pattern.m, pattern.n
+    identity = torch.arange(cols)
+    if n >= m or cols <= m:
+        return identity
+    s = scores.float()
+    g = cols // m
+    order = torch.argsort(s.sum(0), descending=True, stable=True)
+    groups = order.reshape(m, g).T.contiguous()  # [g, m]: groups[j, t] = channel of rank t*g + j
+    for _ in range(rounds):
+        for t in range(m):
+            others = torch.cat([groups[:, :t], groups[:, t + 1:]], dim=1)  # [g, m-1]
+            if n > m - 1:
+                continue
+            thr = s[:, others].topk(n, dim=-1).values[..., -1]  # [rows, g]: N-th largest of the others
+            cand = s[:, groups[:, t]]  # [rows, g]
+            gain = torch.zeros(g, g, dtype=torch.float64)
+            step = max(1, chunk_elems // (g * g))
+            for r0 in range(0, rows, step):
+                c, th = cand[r0:r0 + step], thr[r0:r0 + step]
+                gain += (c.unsqueeze(2) - th.unsqueeze(1)).clamp_min_(0).sum(0).double()
+            ci, gj = linear_sum_assignment(gain.numpy(), maximize=True)
+            slot = groups[:, t].clone()
+            groups[torch.as_tensor(gj), t] = slot[torch.as_tensor(ci)]
+    perm = groups.reshape(-1)
+    return perm if retained(s, pattern, perm) > retained(s, pattern) else identity
+
+
+def permuted_nm_select(scores: torch.Tensor, pattern: NM, rounds: int = 1) -> torch.Tensor:
+    """Keep-mask in the original column order that is N:M in the order ``nm_permutation`` finds."""
+    perm = nm_permutation(scores, pattern, rounds)
+    keep = torch.empty_like(scores, dtype=torch.bool)
+    keep[:, perm] = select(scores[:, perm], pattern)
+    return keep
