@@ -45,16 +45,23 @@ def nm_permutation(scores: torch.Tensor, pattern: NM, rounds: int = 1, chunk_ele
                 continue
             thr = s[:, others].topk(n, dim=-1).values[..., -1]  # [rows, g]: N-th largest of the others
             cand = s[:, groups[:, t]]  # [rows, g]
-            gain = torch.zeros(g, g, dtype=torch.float64)
-            step = max(1, chunk_elems // (g * g))
-            for r0 in range(0, rows, step):
-                c, th = cand[r0:r0 + step], thr[r0:r0 + step]
-                gain += (c.unsqueeze(2) - th.unsqueeze(1)).clamp_min_(0).sum(0).double()
+            gain = _gain(cand, thr, chunk_elems)
             ci, gj = linear_sum_assignment(gain.numpy(), maximize=True)
             slot = groups[:, t].clone()
             groups[torch.as_tensor(gj), t] = slot[torch.as_tensor(ci)]
     perm = groups.reshape(-1)
     return perm if retained(s, pattern, perm) > retained(s, pattern) else identity
+
+
+def _gain(cand: torch.Tensor, thr: torch.Tensor, chunk_elems: int) -> torch.Tensor:
+    """gain[c, j] = sum over rows of max(0, cand[:, c] - thr[:, j]), in chunks of candidates."""
+    rows, g = cand.shape
+    ct, tt = cand.T.contiguous(), thr.T.contiguous()
+    gain = torch.empty(g, g, dtype=torch.float64)
+    step = max(1, chunk_elems // (g * rows))
+    for c0 in range(0, g, step):
+        gain[c0:c0 + step] = (ct[c0:c0 + step, None, :] - tt[None]).clamp_min_(0).sum(-1).double()
+    return gain
 
 
 def permuted_nm_select(scores: torch.Tensor, pattern: NM, rounds: int = 1) -> torch.Tensor:
