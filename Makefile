@@ -28,6 +28,7 @@ test: install
 
 bench: install
 	$(PY) benchmarks/paper_table.py --out benchmarks/results/paper_table_smollm2.json
+	$(PY) benchmarks/beyond_wanda.py --out benchmarks/results/beyond_wanda_smollm2.json
 
 clean:
 	rm -rf $(VENV) runs

@@ -27,6 +27,33 @@ def paper_table(path: Path) -> str:
     return head + "\n".join(lines)
 
 
+BEYOND_ORDER = ("magnitude", "wanda", "wanda-variant", "owl+wanda", "sparsegpt", "owl+sparsegpt", "ria", "ria+perm",
+                "wanda+perm", "wanda+lsq", "ria+perm+lsq", "owl+wanda+lsq")
+BEYOND_CELLS = ("50%", "60%", "70%", "4:8", "2:4")
+
+
+def beyond_table(path: Path) -> str:
+    r = json.loads(path.read_text())
+    cal, ev, hp = r["protocol"]["calibration"], r["protocol"]["eval"], r["protocol"]["hyper_parameters"]
+    head = (f"{r['model']['spec']} on {r['device']} ({r['machine']['threads']} threads, shared), {r['dtype']}; "
+            f"calibration {cal['nsamples']} x {cal['seqlen']} C4 tokens, seed {cal['seed']}; WikiText-2 test, "
+            f"{ev['seqlen']}-token windows, first {ev['windows']}. Fixed before the run: OWL M = {hp['owl_m']:g}, "
+            f"lambda = {hp['owl_lambda']:g}; RIA a = {hp['ria_a']:g}; update dampening {hp['update_damp']:g}, "
+            f"{hp['update_iters']} CG steps. Cells: perplexity (prune time in s); - = not run.\n\n")
+    lines = ["| method | " + " | ".join(f"{c} unstructured" if c.endswith("%") else c for c in BEYOND_CELLS) + " |",
+             "|---|" + "---:|" * len(BEYOND_CELLS)]
+    rows = r["rows"]
+    dense = next(x for x in rows if x["label"] == "dense")
+    lines.append(f"| dense | {dense['perplexity']:.2f} |" + " |" * (len(BEYOND_CELLS) - 1))
+    labels = [x for x in BEYOND_ORDER if any(y["label"] == x for y in rows)]
+    labels += [x["label"] for x in rows if x["label"] not in labels and x["label"] != "dense"]
+    for label in dict.fromkeys(labels):
+        cells = {x["cell"]: x for x in rows if x["label"] == label}
+        out = [f"{cells[c]['perplexity']:.2f} ({cells[c]['prune_s']:.0f})" if c in cells else "-" for c in BEYOND_CELLS]
+        lines.append(f"| {label} | " + " | ".join(out) + " |")
+    return head + "\n".join(lines)
+
+
 def prune_time_table(path: Path) -> str:
     r = json.loads(path.read_text())
     cal = r["protocol"]["calibration"]
@@ -131,7 +158,8 @@ if __name__ == "__main__":
     for name, fn in [("paper_table_smollm2.json", paper_table), ("prune_time_smollm2.json", prune_time_table),
                      ("gpu_check_h200.json", gpu_table),
                      ("vs_llmcompressor_smollm2.json", llmc_table), ("sparse24_h200_bf16.json", sparse24_table),
-                     ("storage_smollm2.json", storage_table)]:
+                     ("storage_smollm2.json", storage_table),
+                     ("beyond_wanda_smollm2.json", beyond_table), ("beyond_wanda_gemma3.json", beyond_table)]:
         if (RESULTS / name).is_file():
             print(f"<!-- {name} -->\n{fn(RESULTS / name)}\n")
         else:
