@@ -1,4 +1,4 @@
-"""llmprune: one-shot pruning of large language models (Wanda, SparseGPT, magnitude)."""
+"""llmprune: one-shot pruning of large language models (Wanda, SparseGPT, magnitude, RIA; OWL layer-wise sparsity)."""
 
 __version__ = "0.1.0"
 
@@ -6,10 +6,11 @@ from .compressed import load  # noqa: E402
 from .api import PruneResult, evaluate_perplexity, prune  # noqa: E402
 from .config import Calibration, EvalSettings  # noqa: E402
 from .errors import UsageError  # noqa: E402
+from .layerwise import OWL  # noqa: E402
 from .loading import load_model  # noqa: E402
 from .patterns import NM, Unstructured, parse_pattern, select  # noqa: E402
 
 __all__ = [
-    "NM", "Calibration", "EvalSettings", "PruneResult", "Unstructured", "UsageError",
+    "NM", "OWL", "Calibration", "EvalSettings", "PruneResult", "Unstructured", "UsageError",
     "evaluate_perplexity", "load", "load_model", "parse_pattern", "prune", "select",
 ]
