@@ -236,6 +236,7 @@ def test_update_method_needs_hessian_and_keeps_mask():
     (["--layerwise", "owl", "--pattern", "2:4"], "--layerwise works with unstructured"),
     (["--update", "obs"], "--update must be"),
     (["--layerwise", "0.5,x"], "--layerwise"),
+    (["--pattern", "2:4", "--permute", "--format", "compressed"], "--format dense"),
 ])
 def test_cli_refuses_bad_options(args, msg, tmp_path):
     res = CliRunner().invoke(app, ["prune", "--model", str(tmp_path / "nowhere"), *args], catch_exceptions=False)

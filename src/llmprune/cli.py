@@ -117,6 +117,9 @@ def _prune(*, model, method, sparsity, pattern, layerwise, owl_m, owl_lambda, pe
     dev = devices.resolve_device(device)
     dt = devices.resolve_dtype(dtype, dev)
     export.check_format(format)
+    if permute and format == "compressed":
+        raise UsageError("--permute leaves masks that are N:M only in a permuted column order, which --format compressed "
+                         "cannot store as N:M; save with --format dense")
     if out is not None:
         export.check_output_dir(out, overwrite)
     if report is not None and report.is_dir():
