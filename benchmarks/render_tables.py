@@ -154,11 +154,25 @@ def storage_table(path: Path) -> str:
     return "\n".join(out)
 
 
+def kill_resume_table(path: Path) -> str:
+    r = json.loads(path.read_text())
+    c = r["calibration"]
+    lines = [f"{r['model']}, {r['device']} ({r['cpu_threads']} thread), {r['dtype']}, {c['nsamples']} x {c['seqlen']} "
+             f"C4 calibration tokens; SIGKILL at seeded random moments, then the same command again.\n",
+             "| method | uninterrupted (s) | kills | blocks finished at the kills | resumed outputs bit-identical |",
+             "|---|---:|---:|---|---:|"]
+    for name, m in r["methods"].items():
+        same = sum(t["identical"] for t in m["trials"])
+        lines.append(f"| {name} | {m['uninterrupted_s']:.0f} | {len(m['trials'])} | "
+                     f"{', '.join(str(t['blocks_done_at_kill']) for t in m['trials'])} | {same} / {len(m['trials'])} |")
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
     for name, fn in [("paper_table_smollm2.json", paper_table), ("prune_time_smollm2.json", prune_time_table),
                      ("gpu_check_h200.json", gpu_table),
                      ("vs_llmcompressor_smollm2.json", llmc_table), ("sparse24_h200_bf16.json", sparse24_table),
-                     ("storage_smollm2.json", storage_table),
+                     ("storage_smollm2.json", storage_table), ("kill_resume_smollm2.json", kill_resume_table),
                      ("beyond_wanda_smollm2.json", beyond_table), ("beyond_wanda_gemma3.json", beyond_table)]:
         if (RESULTS / name).is_file():
             print(f"<!-- {name} -->\n{fn(RESULTS / name)}\n")

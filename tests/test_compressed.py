@@ -134,8 +134,10 @@ def test_refuses_index_that_breaks_the_pattern(tmp_path, tokenizer):
         tensors[key][0] = tensors[key][0] & 0b11110000
 
     _rewrite(out / compressed.WEIGHTS_NAME, repeat_position)
+    with pytest.raises(UsageError, match="model.llmprune.safetensors does not match its checksum"):
+        llmprune.load(out)  # the folder's manifest sees the change first
     with pytest.raises(UsageError, match="up_proj.weight: the 2:4 index metadata is invalid"):
-        llmprune.load(out)
+        llmprune.load(out, verify=False)
 
 
 def test_refuses_corrupt_and_truncated_files(tmp_path, tokenizer):
@@ -146,11 +148,14 @@ def test_refuses_corrupt_and_truncated_files(tmp_path, tokenizer):
     flipped = bytearray(good)
     flipped[-100] ^= 0x01
     path.write_bytes(bytes(flipped))
-    with pytest.raises(UsageError, match="fails its checksum; the file is corrupt"):
+    with pytest.raises(UsageError, match="does not match its checksum in llmprune_manifest.json"):
         llmprune.load(out)
+    # the file's own checks, without the folder's manifest
+    with pytest.raises(UsageError, match="fails its checksum; the file is corrupt"):
+        llmprune.load(out, verify=False)
     path.write_bytes(good[: len(good) - 1000])
     with pytest.raises(UsageError, match="truncated or corrupt"):
-        llmprune.load(out)
+        llmprune.load(out, verify=False)
     path.write_bytes(good)
 
     def drop_values(tensors, entries):
@@ -159,7 +164,7 @@ def test_refuses_corrupt_and_truncated_files(tmp_path, tokenizer):
 
     _rewrite(path, drop_values)
     with pytest.raises(UsageError, match="k_proj.weight: the bitmask marks .* values are stored"):
-        llmprune.load(out)
+        llmprune.load(out, verify=False)
 
 
 def test_cli_prune_compressed_then_eval(tiny_folder, tmp_path):

@@ -32,7 +32,7 @@ def test_failed_save_leaves_nothing(tmp_path, monkeypatch, tokenizer):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(type(model), "save_pretrained", broken)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(UsageError, match="no space left on the device; free some space"):
         save_pruned(model, tokenizer, tmp_path / "out", {})
     assert list(tmp_path.iterdir()) == []
 

@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from llmprune import NM, Unstructured
+from llmprune.guards import NumericalError, record_numerical_warnings
 from llmprune.methods import SparseGPT
 from llmprune.stats import Hessian
 
@@ -58,3 +59,45 @@ def test_dead_inputs_are_zeroed_and_output_dtype_kept():
     new_w, _ = SparseGPT().prune(w.to(torch.bfloat16), {"hessian": h}, NM(2, 4))
     assert new_w.dtype == torch.bfloat16
     assert (new_w[:, 3] == 0).all()
+
+
+class FixedHessian:
+    def __init__(self, matrix):
+        self.matrix = matrix
+
+
+def test_indefinite_hessian_gets_more_dampening_with_a_warning():
+    # eigenvalues 4 and -2, mean diagonal 1: dampening 0.01, 0.1 and 1 fail, 10 factorises
+    h = torch.tensor([[1.0, 3.0], [3.0, 1.0]])
+    w = torch.tensor([[1.0, -2.0], [3.0, 0.5]])
+    with record_numerical_warnings() as notes:
+        new_w, keep = SparseGPT().prune(w, {"hessian": FixedHessian(h)}, Unstructured(0.5))
+    assert notes == ["Hessian not positive definite with dampening 0.01; factorised with 10"]
+    assert keep.sum() == 2 and torch.isfinite(new_w).all()
+
+
+def test_hessian_beyond_repair_is_an_error_not_a_fallback():
+    h = torch.tensor([[1.0, 1e6], [1e6, 1.0]])
+    with pytest.raises(NumericalError, match=r"cannot be factorised even with dampening 100 .*--nsamples"):
+        SparseGPT().prune(torch.ones(2, 2), {"hessian": FixedHessian(h)}, Unstructured(0.5))
+
+
+def test_dampening_warning_lands_in_the_layer_results(monkeypatch):
+    import llmprune
+    from llmprune.stats import Hessian as RealHessian
+
+    from .conftest import random_tokens, tiny_model
+
+    real = RealHessian.matrix.fget
+
+    def shifted(self):  # smallest eigenvalue -5% of the mean diagonal: 1% dampening fails, 10% works
+        h = real(self).double()
+        shift = torch.linalg.eigvalsh(h)[0] + 0.05 * h.diagonal().mean()
+        return (h - shift * torch.eye(h.shape[0], dtype=h.dtype)).float()
+
+    monkeypatch.setattr(RealHessian, "matrix", property(shifted))
+    res = llmprune.prune(tiny_model("llama"), calib_tokens=random_tokens(4, 32), method="sparsegpt",
+                         device=torch.device("cpu"), progress=False)
+    assert res.warnings and len(res.warnings) == len(res.layers)
+    assert res.layers[0].warnings == ["model.layers.0.self_attn.q_proj: Hessian not positive definite with "
+                                      "dampening 0.01; factorised with 0.1"]

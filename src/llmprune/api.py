@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from . import data as data_mod
+from .checkpoint import Checkpoint, model_fingerprint, tokens_sha256
 from .config import Calibration, EvalSettings
-from .devices import resolve_device, synchronize
+from .devices import deterministic, resolve_device, synchronize
 from .errors import UsageError
 from .evaluate import Perplexity, perplexity, windows_of
+from .guards import NumericalError
 from .layerwise import OWL, block_outlier_ratios, block_sizes, owl_sparsities, parse_layerwise
 from .methods import get_method
 from .models import context_length, find_decoder, needs_bos
@@ -28,6 +31,14 @@ class PruneResult:
     prune_s: float
     calibration: dict | None
     method_settings: dict = field(default_factory=dict)
+    resumed_from_block: int = 0
+    """Blocks restored from the checkpoint folder instead of computed (0: a fresh run)."""
+    determinism: dict = field(default_factory=dict)
+    """Whether the run was deterministic on its device, and why not where it was not."""
+
+    @property
+    def warnings(self) -> list[str]:
+        return [w for r in self.layers for w in r.warnings]
 
     @property
     def sparsity_overall(self) -> float:
@@ -77,6 +88,8 @@ def prune(
     layerwise: OWL | str | list[float] | None = None,
     permute: bool = False,
     update: str | None = None,
+    checkpoint_dir: str | Path | None = None,
+    overwrite: bool = False,
 ) -> PruneResult:
     """Prune ``model`` in place, block by block; returns what was done.
 
@@ -86,6 +99,8 @@ def prune(
     ``layerwise``: None/"uniform", "owl" or ``OWL(m, lam)``, or one sparsity per block (unstructured
     only). ``permute``: choose N:M masks on permuted input channels (score methods). ``update="lsq"``:
     re-fit the kept weights by least squares on the calibration inputs after the mask.
+    ``checkpoint_dir``: save progress there after every block and resume from it (same settings:
+    bit-identical to an uninterrupted run; other settings: refused unless ``overwrite``).
     """
     method = get_method(method, permute=permute, update=update)
     pattern = as_pattern(pattern, sparsity)
@@ -132,10 +147,44 @@ def prune(
             settings.update(layerwise="list")
         settings["block_sparsity"] = per_block
         block_patterns = [Unstructured(s, pattern.scope) for s in per_block]
-    layers = prune_blocks(model, method, pattern, tokens, device, batch_size, progress, block_patterns)
+    checkpoint = None
+    if checkpoint_dir is not None:
+        checkpoint = Checkpoint(checkpoint_dir, run_settings(model, method, pattern, tokens, device, batch_size, settings),
+                                overwrite)
+    with deterministic(device) as determinism, (checkpoint.stop_between_blocks() if checkpoint else nullcontext()):
+        try:
+            layers = prune_blocks(model, method, pattern, tokens, device, batch_size, progress, block_patterns,
+                                  checkpoint=checkpoint)
+        except NumericalError:
+            if checkpoint is not None:
+                checkpoint.discard()  # its blocks came from numbers that cannot be trusted
+            raise
     synchronize(device)
     model.train(was_training)
-    return PruneResult(method.name, pattern, layers, time.perf_counter() - start, calib_info, settings)
+    resumed = checkpoint.resumed_from if checkpoint else 0
+    return PruneResult(method.name, pattern, layers, time.perf_counter() - start, calib_info, settings,
+                       resumed, determinism)
+
+
+def run_settings(model, method, pattern: Pattern, tokens, device: torch.device, batch_size: int,
+                 method_settings: dict | None = None) -> dict:
+    """Everything that decides the pruned weights: a checkpoint resumes only a run with these same values."""
+    from . import __version__
+
+    return {
+        "model": model_fingerprint(model),
+        "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+        "method": method.name,
+        "method_settings": {k: v for k, v in (method_settings or method.settings()).items()
+                            if not k.endswith("_s")},  # timings differ from run to run
+        "pattern": str(pattern),
+        "sparsity_target": pattern.target,
+        "scope": getattr(pattern, "scope", None),
+        "calibration_tokens_sha256": tokens_sha256(tokens),
+        "batch_size": batch_size,
+        "device": device.type,
+        "versions": {"llmprune": __version__, "torch": torch.__version__},
+    }
 
 
 def eval_windows(model, tokenizer, settings: EvalSettings, data_dir=None) -> dict[str, torch.Tensor]:

@@ -34,6 +34,11 @@ def _fail(exc: Exception) -> None:
     raise typer.Exit(2)
 
 
+def _interrupted(exc: Exception) -> None:
+    console.print(f"[bold yellow]stopped:[/] {exc}", highlight=False, soft_wrap=True)
+    raise typer.Exit(130)
+
+
 def _fmt(value) -> str:
     return "-" if value is None else f"{value:.3f}"
 
@@ -71,7 +76,7 @@ def prune(
     nsamples: int = typer.Option(128, "--nsamples", help="Number of calibration windows."),
     seqlen: int = typer.Option(2048, "--seqlen", help="Calibration window length in tokens."),
     seed: int = typer.Option(0, "--seed", help="Seed of the calibration sampler."),
-    calib_tokens: Optional[Path] = typer.Option(None, "--calib-tokens", help="A .npy int array [nsamples, seqlen] of token ids, used exactly."),
+    calib_tokens: Optional[Path] = typer.Option(None, "--calib-tokens", help="A .npy int array (or a .pt tensor) [nsamples, seqlen] of token ids, used exactly."),
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
     batch_size: int = typer.Option(8, "--batch-size", help="Calibration windows per forward pass."),
@@ -79,27 +84,38 @@ def prune(
     eval_seqlen: Optional[int] = EvalSeqOpt,
     max_eval_windows: Optional[int] = MaxWinOpt,
     out: Optional[Path] = typer.Option(None, "--out", help="Save the pruned model (HF folder, safetensors) here."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out folder."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out folder, or discard an unfinished run into it with other settings."),
     format: str = typer.Option("dense", "--format", help="dense (HF checkpoint with zeros) | compressed (packed; load with llmprune.load)."),
     report: Optional[Path] = typer.Option(None, "--report", help="Write the run's report (JSON) here."),
     data_dir: Optional[Path] = DataDirOpt,
     trust_remote_code: bool = TrustOpt,
     progress: bool = ProgressOpt,
 ) -> None:
-    """Prune a model in one shot, evaluating it before and after."""
+    """Prune a model in one shot, evaluating it before and after.
+
+    With --out, progress is saved after every block in a hidden sibling folder; running the same
+    command again after a crash or Ctrl-C continues from the last finished block.
+    """
     try:
         _prune(**locals())
     except UsageError as exc:
         _fail(exc)
+    except Exception as exc:
+        from .checkpoint import Interrupted
+
+        if isinstance(exc, Interrupted):
+            _interrupted(exc)
+        raise
 
 
 def _prune(*, model, method, sparsity, pattern, layerwise, owl_m, owl_lambda, permute, update, calib, nsamples, seqlen,
            seed, calib_tokens, device, dtype, batch_size, eval_sets, eval_seqlen, max_eval_windows, out, overwrite,
            format, report, data_dir, trust_remote_code, progress):
-    from . import api, data, devices, export, loading, report as report_mod
+    from . import api, checkpoint, data, devices, export, integrity, loading, report as report_mod
     from .config import Calibration, EvalSettings, parse_sets
     from .layerwise import OWL, parse_layerwise
     from .methods import get_method
+    from .models import find_decoder
     from .patterns import Unstructured, parse_pattern
 
     # every string is checked before the model is loaded
@@ -133,6 +149,7 @@ def _prune(*, model, method, sparsity, pattern, layerwise, owl_m, owl_lambda, pe
     devices.reset_peak_memory()
     t0 = time.perf_counter()
     lm, tok, info = loading.load_model(model, dt, trust_remote_code, progress)
+    find_decoder(lm)  # an unsupported architecture is refused before any evaluation
     load_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     tokens = data.load_token_file(calib_tokens, lm.config.get_text_config().vocab_size) if calib_tokens else None
@@ -149,9 +166,10 @@ def _prune(*, model, method, sparsity, pattern, layerwise, owl_m, owl_lambda, pe
         dense_ppl = api.perplexities(lm, windows, settings, dev, progress, label="dense")
         eval_s += time.perf_counter() - t0
         lm.to("cpu")
+    work = checkpoint.work_dir_for(out) if out is not None else None
     result = api.prune(lm, tok, method=method_obj, pattern=pattern_obj, calibration=calibration,
                        calib_tokens=tokens, device=dev, batch_size=batch_size, data_dir=ddir, progress=progress,
-                       layerwise=layerwise_obj)
+                       layerwise=layerwise_obj, checkpoint_dir=work, overwrite=overwrite)
     pruned_ppl = {}
     if settings.sets:
         t0 = time.perf_counter()
@@ -161,13 +179,15 @@ def _prune(*, model, method, sparsity, pattern, layerwise, owl_m, owl_lambda, pe
         model=info, result=result, device=dev, dtype=dt,
         times={"load_s": load_s, "calib_data_s": calib_data_s, "prune_s": result.prune_s, "eval_s": eval_s},
         peak=devices.peak_memory_bytes(), dense_ppl=dense_ppl, pruned_ppl=pruned_ppl, eval_settings=settings,
-        extra={"command": sys.argv},
+        extra={"command": sys.argv, "weights_sha256": integrity.state_sha256(lm)},
     )
     if report is not None:
         report_mod.write_json(report, payload)
     if out is not None:
         lm.to("cpu")
-        export.save_pruned(lm, tok, out, payload, overwrite, format=format, pattern=pattern_obj)
+        export.save_pruned(lm, tok, out, payload, overwrite, format=format, pattern=pattern_obj,
+                           after_error=f"; the pruned blocks are kept in {work}: re-run the same command to finish")
+        checkpoint.Checkpoint.remove(work)
         if format == "compressed":
             st = json.loads((out / export.REPORT_NAME).read_text())["storage"]
             Console().print(f"pruned Linear weights: {st['linear_stored_bytes'] / 2**20:.1f} MiB stored vs "
@@ -263,11 +283,32 @@ def bench_cmd(
         _fail(exc)
 
 
+def run(argv: list[str] | None = None) -> int:
+    """Run the command line on ``argv``; every usage error, typer's own included, is one ``error:`` line."""
+    try:  # typer >= 0.2x carries its own click
+        from typer import TyperException as ParseError
+    except ImportError:
+        from click import ClickException as ParseError
+
+    try:
+        code = app(args=argv, prog_name="llmprune", standalone_mode=False)
+    except typer.Abort:
+        return 130
+    except ParseError as exc:
+        ctx = getattr(exc, "ctx", None)
+        command = f" {ctx.info_name}" if ctx is not None and ctx.parent is not None else ""
+        text = " ".join((exc.format_message() if hasattr(exc, "format_message") else str(exc)).split()).rstrip(".")
+        if text:  # (empty: the help was shown because no arguments were given)
+            console.print(f"[bold red]error:[/] {text}; see llmprune{command} --help", highlight=False, soft_wrap=True)
+        return 2
+    return code if isinstance(code, int) else 0
+
+
 def main() -> None:
     from .devices import tune_cpu_allocator
 
     tune_cpu_allocator()
-    app()
+    sys.exit(run())
 
 
 if __name__ == "__main__":

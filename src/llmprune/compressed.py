@@ -236,18 +236,24 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict, dict]:
     return state, header
 
 
-def load(folder: str | os.PathLike, dtype: torch.dtype | None = None, check_pattern: bool = True):
+def load(folder: str | os.PathLike, dtype: torch.dtype | None = None, check_pattern: bool = True,
+         verify: bool = True):
     """Load a saved llmprune model (dense or compressed folder) as a Hugging Face causal LM.
 
     A compressed folder is rebuilt from its config on empty (meta) weights, then filled with the
     decoded dense weights. A dense folder whose report names an N:M pattern is checked against it.
+    ``verify``: refuse a folder whose files do not match its sha256 manifest (incomplete or altered).
     """
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from .integrity import verify_output
+
     folder = Path(folder).expanduser()
     if not (folder / "config.json").is_file():
         raise UsageError(f"{folder} holds no config.json; give a folder written by `llmprune prune --out`")
+    if verify:
+        verify_output(folder, label="load")
     if not is_compressed(folder):
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype or "auto")
         pattern = _report_pattern(folder)

@@ -196,12 +196,27 @@ def calibration_tokens(tokenizer, source: str, nsamples: int, seqlen: int, seed:
     return _file_windows(_encode(tokenizer, _read_text_file(path)), nsamples, seqlen, seed, str(path))
 
 
-def load_token_file(path: str | os.PathLike, vocab_size: int | None) -> torch.Tensor:
-    """``--calib-tokens FILE.npy``: an integer array [nsamples, seqlen], used exactly."""
+def _read_token_array(path: Path) -> np.ndarray:
+    if path.suffix == ".pt":  # a torch file: tensors only, never arbitrary pickled objects
+        import pickle
+
+        try:
+            value = torch.load(path, map_location="cpu", weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, OSError, EOFError) as exc:
+            raise UsageError(f"--calib-tokens {path}: cannot read it as a plain tensor file, and other pickled "
+                             f"objects are never loaded ({str(exc).splitlines()[0][:120]}); save a tensor or a .npy array") from None
+        if not isinstance(value, torch.Tensor):
+            raise UsageError(f"--calib-tokens {path}: holds a {type(value).__name__}, not a tensor; save one tensor [nsamples, seqlen]")
+        return value.numpy()
     try:
-        array = np.load(path, allow_pickle=False)
+        return np.load(path, allow_pickle=False)
     except (OSError, ValueError) as exc:
         raise UsageError(f"--calib-tokens {path}: cannot read it as a .npy array ({exc})") from None
+
+
+def load_token_file(path: str | os.PathLike, vocab_size: int | None) -> torch.Tensor:
+    """``--calib-tokens FILE.npy`` (or a ``.pt`` tensor, read with ``weights_only``): ints [nsamples, seqlen], used exactly."""
+    array = _read_token_array(Path(path))
     if array.ndim != 2 or not np.issubdtype(array.dtype, np.integer) or array.size == 0:
         raise UsageError(f"--calib-tokens {path}: need a non-empty integer array [nsamples, seqlen], got {array.dtype} {array.shape}")
     if array.min() < 0 or (vocab_size is not None and array.max() >= vocab_size):

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import resource
+import warnings
 from pathlib import Path
 
 import torch
@@ -47,6 +50,43 @@ def resolve_dtype(spec: str, device: torch.device) -> torch.dtype:
     if spec not in DTYPES:
         raise UsageError(f"--dtype must be auto, {', '.join(DTYPES)}, got {spec!r}")
     return DTYPES[spec]
+
+
+@contextlib.contextmanager
+def deterministic(device: torch.device):
+    """Deterministic algorithms where torch has them, for the duration; yields a dict for the report.
+
+    CPU: torch's kernels are deterministic for one build and thread count (both recorded). CUDA:
+    ``torch.use_deterministic_algorithms(True, warn_only=True)`` and cuDNN in deterministic mode;
+    every operation that torch reports as having no deterministic implementation is listed under
+    ``nondeterministic`` and ``deterministic`` is then False.
+    """
+    info: dict = {"device": device.type, "deterministic": True, "torch": torch.__version__,
+                  "cpu_threads": torch.get_num_threads()}
+    if device.type != "cuda":
+        yield info
+        return
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it to be deterministic
+    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+              torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                yield info
+            finally:
+                notes = sorted({str(w.message).splitlines()[0] for w in caught if "determinis" in str(w.message)})
+                others = [w for w in caught if "determinis" not in str(w.message)]
+        for w in others:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        if notes:
+            info["deterministic"] = False
+            info["nondeterministic"] = notes
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = before[2], before[3]
 
 
 def reset_peak_memory() -> None:

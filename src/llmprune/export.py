@@ -1,4 +1,8 @@
-"""Save a pruned model: a plain Hugging Face folder (dense, exact zeros, safetensors), atomically."""
+"""Save a pruned model: a plain Hugging Face folder (dense, exact zeros, safetensors), atomically.
+
+Written into a temporary sibling, every file fsynced, a sha256 manifest written last, then renamed
+into place: the folder either does not exist or is complete and checkable (``integrity.verify_output``).
+"""
 
 from __future__ import annotations
 
@@ -7,9 +11,9 @@ import shutil
 from pathlib import Path
 
 from .errors import UsageError
-from .report import write_json
+from .integrity import MANIFEST_NAME, REPORT_NAME, disk_error, fsync_path, write_json_atomic, write_manifest
 
-REPORT_NAME = "llmprune_report.json"
+__all__ = ["FORMATS", "MANIFEST_NAME", "REPORT_NAME", "check_format", "check_output_dir", "save_pruned"]
 FORMATS = ("dense", "compressed")
 
 
@@ -34,17 +38,37 @@ def check_output_dir(out: str | os.PathLike, overwrite: bool = False) -> Path:
     return out
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_stale_partials(out: Path) -> None:
+    """Temporary siblings left by a killed save (their process is gone)."""
+    for path in out.parent.glob(f".{out.name}.partial-*"):
+        pid = path.name.rpartition("-")[2]
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+
+
 def save_pruned(model, tokenizer, out: str | os.PathLike, report: dict, overwrite: bool = False,
-                format: str = "dense", pattern=None) -> Path:
-    """Write model + tokenizer + report to a temporary sibling, then rename it into place.
+                format: str = "dense", pattern=None, after_error: str = "") -> Path:
+    """Write model + tokenizer + report + manifest to a temporary sibling, then rename it into place.
 
     ``format="compressed"`` stores the pruned Linears packed (see ``compressed``; needs ``pattern``)
-    and adds the byte counts to the report under ``storage``.
+    and adds the byte counts to the report under ``storage``. A failed write (e.g. no space left)
+    raises a one-line ``UsageError`` (``after_error`` is appended to its message) and leaves nothing behind.
     """
     out = check_output_dir(out, overwrite)
     check_format(format)
     if format == "compressed" and pattern is None:
         raise UsageError("--format compressed needs the pattern the model was pruned with")
+    _remove_stale_partials(out)
     tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
@@ -56,7 +80,9 @@ def save_pruned(model, tokenizer, out: str | os.PathLike, report: dict, overwrit
             model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        write_json(tmp / REPORT_NAME, report)
+        write_json_atomic(tmp / REPORT_NAME, report)
+        write_manifest(tmp)
+        fsync_path(tmp)
         if out.exists():
             old = out.with_name(f".{out.name}.old-{os.getpid()}")
             os.replace(out, old)
@@ -64,6 +90,9 @@ def save_pruned(model, tokenizer, out: str | os.PathLike, report: dict, overwrit
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, out)
+        fsync_path(out.parent)
+    except OSError as exc:
+        raise disk_error(exc, out, after_error) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from .errors import UsageError
+from .integrity import verify_output
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -101,6 +102,7 @@ def resolve_source(spec: str) -> tuple[str, str]:
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise UsageError(f"--model {spec}: the folder has no config.json, so it is not a Hugging Face model folder")
+        verify_output(path)  # a llmprune output must be complete and unaltered
         return "folder", str(path.resolve())
     if path.exists():
         raise UsageError(f"--model {spec}: a file that is neither a .gguf file nor a model folder")
@@ -115,6 +117,10 @@ def _gguf_cache_dir(gguf: Path) -> Path:
     return cache_root() / "gguf" / f"{gguf.stem}-{key}"
 
 
+def _one_line(exc: Exception, limit: int) -> str:
+    return " ".join(str(exc).split())[:limit]
+
+
 def gguf_to_folder(gguf: str) -> Path:
     """De-quantize a GGUF file into a cached fp32 model folder (atomic: complete or absent)."""
     path = Path(gguf)
@@ -123,12 +129,19 @@ def gguf_to_folder(gguf: str) -> Path:
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    unreadable = f"--model {gguf}: cannot read the GGUF file, it may be truncated or corrupt; download it again"
+    try:
+        import gguf as gguf_lib
+
+        gguf_lib.GGUFReader(path)  # header and tensor table against the file's size: a truncated file fails here
+    except Exception as exc:
+        raise UsageError(f"{unreadable} ({type(exc).__name__}: {_one_line(exc, 120)})") from None
     try:
         # transformers shows its de-quantization progress with a plain tqdm bar
         model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     except Exception as exc:
-        raise UsageError(f"--model {gguf}: cannot read the GGUF file, it may be truncated or corrupt ({type(exc).__name__}: {str(exc)[:200]})") from None
+        raise UsageError(f"{unreadable} ({type(exc).__name__}: {_one_line(exc, 200)})") from None
     # the weights are plain fp32 now; drop the quantizer marker so the model can be saved
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
@@ -179,13 +192,16 @@ def load_model(spec: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, tr
 
     try:
         if compressed.is_compressed(folder):
-            model = compressed.load(folder, dtype=dtype)
+            model = compressed.load(folder, dtype=dtype, verify=False)  # resolve_source verified it
         else:
             model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, trust_remote_code=trust_remote_code)
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
     except UsageError:
         raise
     except Exception as exc:
+        if "trust_remote_code" in str(exc) and not trust_remote_code:
+            raise UsageError(f"--model {spec} needs its own Python code to run; llmprune runs it only with "
+                             "--trust-remote-code (read that code first)") from None
         hint = " (is it a hub id? this machine may be offline)" if kind == "hub" else ""
         raise UsageError(f"--model {spec}: cannot load it{hint}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}") from None
     model.eval()

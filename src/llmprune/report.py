@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -30,6 +29,13 @@ def perplexity_table(dense: dict, pruned: dict) -> dict:
     return out
 
 
+def _layer_row(r) -> dict:
+    row = {"name": r.name, "shape": list(r.shape), "sparsity": r.sparsity}
+    if r.warnings:
+        row["warnings"] = r.warnings
+    return row
+
+
 def build_report(*, model: dict, result, device, dtype, times: dict, peak: dict, dense_ppl: dict, pruned_ppl: dict,
                  eval_settings=None, extra: dict | None = None) -> dict:
     pattern = result.pattern
@@ -43,10 +49,13 @@ def build_report(*, model: dict, result, device, dtype, times: dict, peak: dict,
         "calibration": result.calibration,
         "device": str(device),
         "dtype": str(dtype).replace("torch.", ""),
-        "layers": [{"name": r.name, "shape": list(r.shape), "sparsity": r.sparsity} for r in result.layers],
+        "layers": [_layer_row(r) for r in result.layers],
         "time": times,
         "peak_memory_bytes": peak,
         "perplexity": perplexity_table(dense_ppl, pruned_ppl),
+        "warnings": result.warnings,
+        "resumed_from_block": result.resumed_from_block,
+        "determinism": result.determinism,
         "versions": versions(),
     }
     if eval_settings is not None:
@@ -57,11 +66,7 @@ def build_report(*, model: dict, result, device, dtype, times: dict, peak: dict,
 
 
 def write_json(path: str | os.PathLike, payload: dict) -> None:
-    """Write atomically: a temporary file beside the target, then rename."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(json.dumps(payload, indent=2) + "\n")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """Write atomically: a temporary file beside the target, fsync, then rename."""
+    from .integrity import write_json_atomic
+
+    write_json_atomic(Path(path), payload)

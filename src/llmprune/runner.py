@@ -6,7 +6,7 @@ The runner knows blocks, devices and propagation; it knows nothing about scores.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Sequence
 
 import torch
@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from .capture import BlockCall, StopForward, collect_statistics, record_block_calls
 from .errors import UsageError
+from .guards import NumericalError, check_finite, record_numerical_warnings, statistic_tensors
 from .models import find_decoder, prunable_layers, set_weight_matrix, weight_matrix
 from .patterns import Pattern, check_fits
 
@@ -24,6 +25,8 @@ class LayerResult:
     name: str
     shape: tuple[int, int]
     zeros: int
+    warnings: list[str] = field(default_factory=list)
+    """Numerical fix-ups made for this layer (e.g. more dampening); empty when none."""
 
     @property
     def sparsity(self) -> float:
@@ -91,10 +94,14 @@ def prune_blocks(
     batch_size: int = 8,
     progress: bool = True,
     block_patterns: Sequence[Pattern] | None = None,
+    checkpoint=None,
 ) -> list[LayerResult]:
     """Prune every decoder block's Linear layers in place; embeddings and lm_head are untouched.
 
     ``block_patterns`` (one per block) replaces ``pattern`` block by block (per-block sparsity).
+    ``checkpoint`` (a ``checkpoint.Checkpoint``) restores finished blocks before the first one and
+    saves each block when it is done. NaN/Inf in a block's inputs, statistics or outputs raises
+    ``NumericalError`` naming the block and layer.
     """
     decoder, blocks = find_decoder(model)
     if block_patterns is not None and len(block_patterns) != len(blocks):
@@ -104,17 +111,27 @@ def prune_blocks(
         for name, layer in prunable_layers(block).items():
             check_fits(pattern, weight_matrix(layer).shape[1], f"{names[id(block)]}.{name}")
 
+    restored = checkpoint.restore(blocks) if checkpoint is not None else None
+    first = restored.done if restored else 0
+    results = [LayerResult(**{**r, "shape": tuple(r["shape"])}) for r in restored.layers] if restored else []
     hidden, calls = [], {}
-    if method.needs:
+    if method.needs and first < len(blocks):
         if tokens is None:
             raise ValueError(f"method {method.name} needs calibration tokens")
         hidden, calls = capture_block_inputs(model, tokens, batch_size, device)
+        if restored is not None and restored.inputs is not None:
+            hidden = [h.to(device) for h in restored.inputs]
+        check_finite(hidden, f"the inputs of block {first}", hidden[0].dtype)
 
-    results: list[LayerResult] = []
     last = len(blocks) - 1
-    for index, block in enumerate(tqdm(blocks, desc=f"{method.name} {pattern}", unit="block", disable=not progress)):
+    bar = tqdm(total=len(blocks), initial=first, desc=f"{method.name} {pattern}", unit="block", disable=not progress)
+    for index, block in enumerate(blocks):
+        if index < first:
+            continue
         home = next(block.parameters()).device
         block.to(device)
+        prefix = names[id(block)]
+        dtype = next(block.parameters()).dtype
         layers = prunable_layers(block)
         block_calls = {size: per_block[index] for size, per_block in calls.items()}
         collector = None
@@ -122,13 +139,31 @@ def prune_blocks(
             with collect_statistics(layers, method.needs) as collector:
                 _run_block(block, hidden, block_calls, collector=collector)
         for name, layer in layers.items():
-            w = weight_matrix(layer)
-            stats = collector.for_layer(name) if collector else {}
-            new_w, _keep = method.prune(w, stats, pattern if block_patterns is None else block_patterns[index])
-            set_weight_matrix(layer, new_w)
-            results.append(LayerResult(f"{names[id(block)]}.{name}", tuple(w.shape), int((w == 0).sum())))
+            block_pattern = pattern if block_patterns is None else block_patterns[index]
+            results.append(_prune_layer(method, block_pattern, layer, collector, name, f"{prefix}.{name}", index, dtype))
         del collector
         if method.needs and index < last:  # the last block's outputs feed nothing we prune
             _run_block(block, hidden, block_calls)
+            check_finite(hidden, f"the output of block {index} ({prefix})", dtype)
         block.to(home)
+        if checkpoint is not None:
+            inputs = hidden if method.needs and index < last else None
+            checkpoint.save(index, block, list(layers), inputs, [asdict(r) for r in results], len(blocks))
+        bar.update()
+    bar.close()
     return results
+
+
+def _prune_layer(method, pattern, layer, collector, name: str, full_name: str, index: int, dtype) -> LayerResult:
+    where = f"{full_name} (block {index})"
+    stats = collector.for_layer(name) if collector else {}
+    check_finite(statistic_tensors(stats), f"the input statistics of {where}", dtype)
+    w = weight_matrix(layer)
+    try:
+        with record_numerical_warnings() as notes:
+            new_w, _keep = method.prune(w, stats, pattern)
+    except NumericalError as exc:
+        raise NumericalError(f"{where}: {exc}") from None
+    check_finite([new_w], f"the pruned weight of {where}", dtype)
+    set_weight_matrix(layer, new_w)
+    return LayerResult(full_name, tuple(w.shape), int((w == 0).sum()), [f"{full_name}: {n}" for n in notes])

@@ -7,11 +7,13 @@ weights as updated so far; each pruned column's error is spread over the later c
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Mapping
 
 import torch
 
+from ..guards import NumericalError, NumericalWarning
 from ..patterns import NM, Pattern, Unstructured, select
 
 
@@ -61,12 +63,33 @@ class SparseGPT:
         return w.to(weight.dtype), keep
 
 
+DAMP_RETRIES = 4  # each retry multiplies the dampening by 10
+
+
 def _inverse_cholesky(h: torch.Tensor, w: torch.Tensor, damp: float) -> torch.Tensor:
-    """Upper Cholesky factor of the dampened inverse Hessian; dead inputs are zeroed in ``w``."""
+    """Upper Cholesky factor of the dampened inverse Hessian; dead inputs are zeroed in ``w``.
+
+    A Hessian that cannot be factorised with ``damp`` is retried with 10x, 100x... the dampening
+    (a ``NumericalWarning`` says so); if none works, ``NumericalError``. Never a silent fallback.
+    """
     h = h.clone()
     dead = h.diagonal() == 0
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
-    h.diagonal().add_(damp * h.diagonal().mean())
-    hinv = torch.cholesky_inverse(torch.linalg.cholesky(h))
-    return torch.linalg.cholesky(hinv, upper=True)
+    mean = h.diagonal().mean()
+    for attempt in range(DAMP_RETRIES + 1):
+        used = damp * 10**attempt
+        dampened = h.clone()
+        dampened.diagonal().add_(used * mean)
+        factor, info = torch.linalg.cholesky_ex(dampened)
+        if int(info) == 0:
+            upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(factor), upper=True)
+            if int(info) == 0 and bool(torch.isfinite(upper).all()):
+                if attempt:
+                    warnings.warn(NumericalWarning(
+                        f"Hessian not positive definite with dampening {damp:g}; factorised with {used:g}"))
+                return upper
+    raise NumericalError(
+        f"the Hessian cannot be factorised even with dampening {used:g} (tried {damp:g} x 10^0..{DAMP_RETRIES}); "
+        "use more calibration data (--nsamples, --seqlen) or --dtype float32"
+    )

@@ -1,0 +1,131 @@
+"""Durable files: atomic writes with fsync, a sha256 manifest of a saved folder, and content hashes.
+
+A saved output folder holds ``llmprune_manifest.json`` (sha256 and size of every other file),
+written last; a folder without it, or whose files no longer match it, is refused on load.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from .errors import UsageError
+
+MANIFEST_NAME = "llmprune_manifest.json"
+REPORT_NAME = "llmprune_report.json"
+
+
+def fsync_path(path: Path) -> None:
+    """Flush a file or a folder's entries to disk (folders: where the OS allows opening them)."""
+    flags = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) if path.is_dir() else os.O_RDONLY
+    try:
+        fd = os.open(path, flags)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some file systems cannot fsync a folder
+    finally:
+        os.close(fd)
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Temporary file beside ``path``, fsync, rename, fsync the folder: complete or absent."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        fsync_path(path.parent)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_json_atomic(path: Path, payload) -> None:
+    write_bytes_atomic(path, (json.dumps(payload, indent=2) + "\n").encode())
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def tensor_bytes(t: torch.Tensor) -> bytes:
+    return t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def state_sha256(model: torch.nn.Module) -> str:
+    """sha256 over every tensor of the state dict (name, dtype, shape, bytes), in name order.
+
+    Independent of the file format: two models with this hash equal are bit-identical.
+    """
+    digest = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
+        digest.update(tensor_bytes(t))
+    return digest.hexdigest()
+
+
+def _files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST_NAME)
+
+
+def write_manifest(folder: Path) -> dict:
+    """fsync every file of ``folder``, then write the manifest of their sha256 (itself fsynced)."""
+    files = {}
+    for path in _files(folder):
+        fsync_path(path)
+        files[path.relative_to(folder).as_posix()] = {"sha256": file_sha256(path), "bytes": path.stat().st_size}
+    manifest = {"format": 1, "files": files}
+    write_json_atomic(folder / MANIFEST_NAME, manifest)
+    return manifest
+
+
+def verify_output(folder: str | os.PathLike, label: str = "--model") -> None:
+    """Refuse a folder written by llmprune that is incomplete or whose files changed since."""
+    folder = Path(folder)
+    manifest_path = folder / MANIFEST_NAME
+    if not manifest_path.is_file():
+        if (folder / REPORT_NAME).is_file():
+            raise UsageError(f"{label} {folder}: a llmprune output without {MANIFEST_NAME}, so it may be incomplete; "
+                             "prune again into a new --out folder")
+        return  # not written by llmprune: nothing to check against
+    try:
+        files = json.loads(manifest_path.read_text())["files"]
+    except (ValueError, KeyError, TypeError):
+        raise UsageError(f"{label} {folder}: {MANIFEST_NAME} is unreadable; prune again into a new --out folder") from None
+    fix = f"prune again, or delete {MANIFEST_NAME} to load it unchecked"
+    for rel, entry in files.items():
+        path = folder / rel
+        if not path.is_file():
+            raise UsageError(f"{label} {folder}: {rel} is missing (the output is incomplete); {fix}")
+        if path.stat().st_size != entry["bytes"] or file_sha256(path) != entry["sha256"]:
+            raise UsageError(f"{label} {folder}: {rel} does not match its checksum in {MANIFEST_NAME} "
+                             f"(altered or damaged); {fix}")
+    extra = [p.relative_to(folder).as_posix() for p in _files(folder)
+             if p.relative_to(folder).as_posix() not in files]
+    if extra:
+        raise UsageError(f"{label} {folder}: {extra[0]} is not in {MANIFEST_NAME} (files were added after saving); "
+                         f"remove it, or {fix}")
+
+
+def disk_error(exc: OSError, where: Path, after: str = "") -> UsageError:
+    """A one-line UsageError for a failed write (no space, read-only, quota)."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        problem = "no space left on the device"
+        fix = "free some space or choose a folder on another disk"
+    else:
+        problem = exc.strerror or str(exc)
+        fix = "check the path and its permissions"
+    return UsageError(f"writing {where} failed: {problem}; {fix}{after}")
