@@ -27,6 +27,8 @@ MaxWinOpt = typer.Option(None, "--max-eval-windows", help="Evaluate only the fir
 DataDirOpt = typer.Option(None, "--data-dir", help="Folder with local data (default: $LLMPRUNE_DATA_DIR, else the hub).")
 TrustOpt = typer.Option(False, "--trust-remote-code", help="Allow a hub model's own Python code to run.")
 ProgressOpt = typer.Option(True, "--progress/--no-progress", help="Progress bars on stderr.")
+LimitOpt = typer.Option(None, "--limit", help="Zero-shot: only the first N examples of each task.")
+ZsBatchOpt = typer.Option(None, "--eval-batch-size", help="Zero-shot: requests per forward pass (default 1 on CPU, 16 on GPU).")
 
 
 def _fail(exc: Exception) -> None:
@@ -43,6 +45,28 @@ def _fmt(value) -> str:
     return "-" if value is None else f"{value:.3f}"
 
 
+def _zero_shot_table(section: dict, title: str) -> Table:
+    runs = list(section["mean"])  # "dense", "pruned", or one unnamed run
+    table = Table(title=title)
+    table.add_column("task")
+    table.add_column("n", justify="right")
+    for run in runs:
+        table.add_column(f"{run} acc".strip(), justify="right")
+        table.add_column(f"{run} acc_norm".strip(), justify="right")
+    for name, info in section["tasks"].items():
+        cells = []
+        for run in runs:
+            r = info[run] if run else info
+            cells += [_fmt(r["acc"]), _fmt(r["acc_norm"])]
+        table.add_row(name, str(info["samples"]), *cells)
+    means = []
+    for run in runs:
+        m = section["mean"][run]
+        means += [_fmt(m["acc"]), _fmt(m["acc_norm_or_acc"])]
+    table.add_row("mean", "", *means)
+    return table
+
+
 def _print_summary(report: dict) -> None:
     table = Table(title=f"{report['model']['spec']}: {report['method']} {report['pattern']}")
     table.add_column("set")
@@ -52,6 +76,10 @@ def _print_summary(report: dict) -> None:
     for name, row in report["perplexity"].items():
         table.add_row(name, f"{row['seqlen']} x {row['windows']}", _fmt(row["dense"]), _fmt(row["pruned"]))
     Console().print(table)
+    if report.get("zero_shot"):
+        h = report["zero_shot"]["harness"]
+        Console().print(_zero_shot_table(report["zero_shot"], f"zero-shot (lm-eval {h['lm_eval']}, 0-shot, "
+                                                             f"limit {h['limit']}; mean acc_norm uses acc where a task has no acc_norm)"))
     t = report["time"]
     Console().print(
         f"sparsity {report['sparsity_overall']:.4f} (target {report['sparsity_target']:.4f}) | "
@@ -83,6 +111,10 @@ def prune(
     eval_sets: str = EvalOpt,
     eval_seqlen: Optional[int] = EvalSeqOpt,
     max_eval_windows: Optional[int] = MaxWinOpt,
+    eval_tasks: str = typer.Option("", "--eval-tasks", help="Zero-shot tasks through lm-eval, dense and pruned: "
+                                   "boolq, rte, hellaswag, winogrande, arc_easy, arc_challenge, openbookqa, piqa."),
+    limit: Optional[int] = LimitOpt,
+    eval_batch_size: Optional[int] = ZsBatchOpt,
     out: Optional[Path] = typer.Option(None, "--out", help="Save the pruned model (HF folder, safetensors) here."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out folder, or discard an unfinished run into it with other settings."),
     format: str = typer.Option("dense", "--format", help="dense (HF checkpoint with zeros) | compressed (packed; load with llmprune.load)."),
@@ -109,9 +141,9 @@ def prune(
 
 
 def _prune(*, model, method, sparsity, pattern, layerwise, owl_m, owl_lambda, permute, update, calib, nsamples, seqlen,
-           seed, calib_tokens, device, dtype, batch_size, eval_sets, eval_seqlen, max_eval_windows, out, overwrite,
-           format, report, data_dir, trust_remote_code, progress):
-    from . import api, checkpoint, data, devices, export, integrity, loading, report as report_mod
+           seed, calib_tokens, device, dtype, batch_size, eval_sets, eval_seqlen, max_eval_windows, eval_tasks, limit,
+           eval_batch_size, out, overwrite, format, report, data_dir, trust_remote_code, progress):
+    from . import api, checkpoint, data, devices, export, integrity, loading, report as report_mod, zeroshot
     from .config import Calibration, EvalSettings, parse_sets
     from .layerwise import OWL, parse_layerwise
     from .methods import get_method
@@ -129,7 +161,9 @@ def _prune(*, model, method, sparsity, pattern, layerwise, owl_m, owl_lambda, pe
     if permute and isinstance(pattern_obj, Unstructured):
         raise UsageError("--permute only changes N:M masks; use it with --pattern N:M")
     calibration = Calibration(calib, nsamples, seqlen, seed)
-    settings = EvalSettings(parse_sets(eval_sets), eval_seqlen or seqlen, max_eval_windows)
+    extra_sets, zs_tasks = zeroshot.split_task_list(eval_tasks)
+    settings = EvalSettings(tuple(dict.fromkeys(parse_sets(eval_sets) + extra_sets)), eval_seqlen or seqlen, max_eval_windows)
+    zs_settings = zeroshot.ZeroShotSettings(zs_tasks, limit, eval_batch_size) if zs_tasks else None
     dev = devices.resolve_device(device)
     dt = devices.resolve_dtype(dtype, dev)
     export.check_format(format)
@@ -145,6 +179,9 @@ def _prune(*, model, method, sparsity, pattern, layerwise, owl_m, owl_lambda, pe
     if calib_tokens is not None and not calib_tokens.is_file():
         raise UsageError(f"--calib-tokens {calib_tokens}: no such file")
     ddir = data.data_dir(data_dir)
+    if zs_settings is not None:
+        zeroshot.require_lm_eval()
+        zeroshot.check_local_data(zs_settings.tasks, ddir)
 
     devices.reset_peak_memory()
     t0 = time.perf_counter()
@@ -159,13 +196,18 @@ def _prune(*, model, method, sparsity, pattern, layerwise, owl_m, owl_lambda, pe
         calibration = None  # the report then describes the given token file
     calib_data_s = time.perf_counter() - t0
     eval_s = 0.0
-    dense_ppl = {}
+    dense_ppl, dense_zs, pruned_zs = {}, None, None
     if settings.sets:
         t0 = time.perf_counter()
         windows = api.eval_windows(lm, tok, settings, ddir)
         dense_ppl = api.perplexities(lm, windows, settings, dev, progress, label="dense")
         eval_s += time.perf_counter() - t0
-        lm.to("cpu")
+    if zs_settings is not None:
+        t0 = time.perf_counter()
+        lm.to(dev)
+        dense_zs = zeroshot.evaluate_zero_shot(lm, tok, zs_settings, ddir, progress, label="dense")
+        eval_s += time.perf_counter() - t0
+    lm.to("cpu")
     work = checkpoint.work_dir_for(out) if out is not None else None
     result = api.prune(lm, tok, method=method_obj, pattern=pattern_obj, calibration=calibration,
                        calib_tokens=tokens, device=dev, batch_size=batch_size, data_dir=ddir, progress=progress,
@@ -175,10 +217,16 @@ def _prune(*, model, method, sparsity, pattern, layerwise, owl_m, owl_lambda, pe
         t0 = time.perf_counter()
         pruned_ppl = api.perplexities(lm, windows, settings, dev, progress, label="pruned")
         eval_s += time.perf_counter() - t0
+    if zs_settings is not None:
+        t0 = time.perf_counter()
+        lm.to(dev)
+        pruned_zs = zeroshot.evaluate_zero_shot(lm, tok, zs_settings, ddir, progress, label="pruned")
+        eval_s += time.perf_counter() - t0
     payload = report_mod.build_report(
         model=info, result=result, device=dev, dtype=dt,
         times={"load_s": load_s, "calib_data_s": calib_data_s, "prune_s": result.prune_s, "eval_s": eval_s},
         peak=devices.peak_memory_bytes(), dense_ppl=dense_ppl, pruned_ppl=pruned_ppl, eval_settings=settings,
+        zero_shot=report_mod.zero_shot_table(dense_zs, pruned_zs),
         extra={"command": sys.argv, "weights_sha256": integrity.state_sha256(lm)},
     )
     if report is not None:
@@ -198,9 +246,14 @@ def _prune(*, model, method, sparsity, pattern, layerwise, owl_m, owl_lambda, pe
 @app.command("eval")
 def eval_cmd(
     model: str = ModelOpt,
-    eval_sets: str = EvalOpt,
+    tasks: str = typer.Option("", "--tasks", help="Comma list: zero-shot tasks through lm-eval (boolq, rte, hellaswag, "
+                              "winogrande, arc_easy, arc_challenge, openbookqa, piqa) and/or perplexity sets (wikitext2, ptb, c4)."),
+    eval_sets: Optional[str] = typer.Option(None, "--eval", help="Comma list of perplexity sets (default: wikitext2 "
+                                            "when --tasks is not given)."),
     eval_seqlen: int = typer.Option(2048, "--eval-seqlen", help="Evaluation window length."),
     max_eval_windows: Optional[int] = MaxWinOpt,
+    limit: Optional[int] = LimitOpt,
+    eval_batch_size: Optional[int] = ZsBatchOpt,
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
     report: Optional[Path] = typer.Option(None, "--report", help="Write the results (JSON) here."),
@@ -208,34 +261,82 @@ def eval_cmd(
     trust_remote_code: bool = TrustOpt,
     progress: bool = ProgressOpt,
 ) -> None:
-    """Evaluate any model's perplexity the same way `prune` does."""
+    """Evaluate any model: perplexity the same way `prune` does, zero-shot accuracy through lm-eval."""
     try:
-        from . import api, data, devices, loading, report as report_mod
+        from . import api, data, devices, loading, report as report_mod, zeroshot
         from .config import EvalSettings, parse_sets
 
-        settings = EvalSettings(parse_sets(eval_sets) or ("wikitext2",), eval_seqlen, max_eval_windows)
+        ppl_sets, zs_tasks = zeroshot.split_task_list(tasks)
+        if eval_sets is None:
+            eval_sets = "" if tasks.strip() else "wikitext2"
+        settings = EvalSettings(tuple(dict.fromkeys(parse_sets(eval_sets) + ppl_sets)), eval_seqlen, max_eval_windows)
+        zs_settings = zeroshot.ZeroShotSettings(zs_tasks, limit, eval_batch_size) if zs_tasks else None
+        if not settings.sets and zs_settings is None:
+            raise UsageError("nothing to evaluate: give --tasks (e.g. --tasks boolq,rte,wikitext2) or --eval")
         dev = devices.resolve_device(device)
         dt = devices.resolve_dtype(dtype, dev)
         ddir = data.data_dir(data_dir)
+        if zs_settings is not None:
+            zeroshot.require_lm_eval()
+            zeroshot.check_local_data(zs_settings.tasks, ddir)
+        if report is not None and report.is_dir():
+            raise UsageError(f"--report {report} is a folder; give a file path such as eval.json")
         t0 = time.perf_counter()
         lm, tok, info = loading.load_model(model, dt, trust_remote_code, progress)
         load_s = time.perf_counter() - t0
         t0 = time.perf_counter()
-        ppl = api.evaluate_perplexity(lm, tok, settings, dev, ddir, progress)
+        ppl = api.evaluate_perplexity(lm, tok, settings, dev, ddir, progress) if settings.sets else {}
+        zs = None
+        if zs_settings is not None:
+            lm.to(dev)
+            zs = zeroshot.evaluate_zero_shot(lm, tok, zs_settings, ddir, progress)
         payload = {
             "model": info, "device": str(dev), "dtype": str(dt).replace("torch.", ""),
             "perplexity": {k: {"perplexity": v.perplexity, "seqlen": v.seqlen, "windows": v.windows} for k, v in ppl.items()},
             "time": {"load_s": load_s, "eval_s": time.perf_counter() - t0},
             "peak_memory_bytes": devices.peak_memory_bytes(), "versions": report_mod.versions(),
         }
+        if zs is not None:
+            payload["zero_shot"] = {"harness": zs["harness"], "tasks": zs["tasks"], "mean": {"": zs["mean"]}}
         if report is not None:
+            report.parent.mkdir(parents=True, exist_ok=True)
             report_mod.write_json(report, payload)
-        table = Table(title=f"{model}")
-        for col in ("set", "seqlen x windows", "perplexity"):
-            table.add_column(col)
-        for name, v in ppl.items():
-            table.add_row(name, f"{v.seqlen} x {v.windows}", f"{v.perplexity:.3f}")
+        if ppl:
+            table = Table(title=f"{model}")
+            for col in ("set", "seqlen x windows", "perplexity"):
+                table.add_column(col)
+            for name, v in ppl.items():
+                table.add_row(name, f"{v.seqlen} x {v.windows}", f"{v.perplexity:.3f}")
+            Console().print(table)
+        if zs is not None:
+            h = zs["harness"]
+            Console().print(_zero_shot_table(payload["zero_shot"], f"{model}: zero-shot (lm-eval {h['lm_eval']}, "
+                                             f"0-shot, limit {h['limit']})"))
+    except UsageError as exc:
+        _fail(exc)
+
+
+@app.command()
+def compare(
+    runs: list[Path] = typer.Argument(..., help="Report files (JSON) of `llmprune prune --report` / `llmprune eval --report`."),
+    plots: Path = typer.Option(Path("compare-plots"), "--plots", help="Folder for the PNG plots."),
+    no_plots: bool = typer.Option(False, "--no-plots", help="Print the table only."),
+) -> None:
+    """Compare runs: a table (dense first, then method x pattern) and PNG plots."""
+    try:
+        from . import compare as compare_mod
+
+        rows, columns = compare_mod.table_rows(compare_mod.load_reports(runs))
+        table = Table(title="llmprune compare")
+        for col in ("method", "pattern", "sparsity", *columns):
+            table.add_column(col, justify="left" if col in ("method", "pattern") else "right")
+        for row in rows:
+            table.add_row(row["method"], row["pattern"], _fmt(row["sparsity"]),
+                          *[compare_mod.fmt(c, row["metrics"].get(c)) for c in columns])
         Console().print(table)
+        if not no_plots:
+            for path in compare_mod.write_plots(compare_mod.load_reports(runs), plots):
+                console.print(f"wrote {path}", highlight=False)
     except UsageError as exc:
         _fail(exc)
 

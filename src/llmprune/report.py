@@ -36,8 +36,23 @@ def _layer_row(r) -> dict:
     return row
 
 
+def zero_shot_table(dense: dict | None, pruned: dict | None) -> dict:
+    """Merge the dense and pruned results of ``zeroshot.evaluate_zero_shot`` into one report section."""
+    runs = {k: v for k, v in (("dense", dense), ("pruned", pruned)) if v}
+    if not runs:
+        return {}
+    first = next(iter(runs.values()))
+    metrics = ("acc", "acc_stderr", "acc_norm", "acc_norm_stderr", "time_s")
+    tasks = {}
+    for name, info in first["tasks"].items():
+        tasks[name] = {"version": info["version"], "source": info["source"], "samples": info["samples"]}
+        for label, run in runs.items():
+            tasks[name][label] = {k: run["tasks"][name][k] for k in metrics}
+    return {"harness": first["harness"], "tasks": tasks, "mean": {label: run["mean"] for label, run in runs.items()}}
+
+
 def build_report(*, model: dict, result, device, dtype, times: dict, peak: dict, dense_ppl: dict, pruned_ppl: dict,
-                 eval_settings=None, extra: dict | None = None) -> dict:
+                 eval_settings=None, zero_shot: dict | None = None, extra: dict | None = None) -> dict:
     pattern = result.pattern
     report = {
         "model": model,
@@ -58,6 +73,8 @@ def build_report(*, model: dict, result, device, dtype, times: dict, peak: dict,
         "determinism": result.determinism,
         "versions": versions(),
     }
+    if zero_shot:
+        report["zero_shot"] = zero_shot
     if eval_settings is not None:
         report["evaluation"] = {"sets": list(eval_settings.sets), "seqlen": eval_settings.seqlen,
                                 "max_windows": eval_settings.max_windows}
