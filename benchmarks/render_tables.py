@@ -168,12 +168,51 @@ def kill_resume_table(path: Path) -> str:
     return "\n".join(lines)
 
 
+TASK_NAMES = {"boolq": "BoolQ", "rte": "RTE", "hellaswag": "HellaSwag", "winogrande": "WinoGrande",
+              "arc_easy": "ARC-e", "arc_challenge": "ARC-c", "openbookqa": "OBQA", "piqa": "PIQA"}
+
+
+def zero_shot_table(path: Path) -> str:
+    r = json.loads(path.read_text())
+    p = r["protocol"]
+    zs, cal, ppl = p["zero_shot"], p["calibration"], p["perplexity"]
+    tasks = zs["tasks"]
+    head = (f"{r['model']['spec']} on {r['device']} ({r['machine']['threads']} threads), {r['dtype']}; lm-eval "
+            f"{r['versions']['lm_eval']}, {zs['num_fewshot']}-shot, **first {zs['limit']} examples of each task** "
+            f"(`--limit {zs['limit']}`), accuracy (`acc`) in %; calibration {cal['nsamples']} x {cal['seqlen']} C4 "
+            f"tokens, seed {cal['seed']}; WikiText-2 perplexity on the first {ppl['windows']} windows of "
+            f"{ppl['seqlen']} tokens.\n\n")
+    lines = ["| method | pattern | " + " | ".join(TASK_NAMES.get(t, t) for t in tasks) + " | mean | WikiText-2 ppl |",
+             "|---|---|" + "---:|" * (len(tasks) + 2)]
+    done = {(x["method"], x["pattern"]): x for x in r["rows"]}
+    order = [("dense", "-")] + [(m, pat) for pat in ("unstructured", "2:4") for m in ("magnitude", "wanda", "sparsegpt")]
+    for key in order:
+        x = done.get(key)
+        label = "50% unstructured" if key[1] == "unstructured" else key[1]
+        if x is None:
+            lines.append(f"| {key[0]} | {label} | " + " | ".join("" for _ in tasks) + " | not run | |")
+            continue
+        accs = " | ".join(f"{100 * x['zero_shot'][t]['acc']:.0f}" for t in tasks)
+        lines.append(f"| {key[0]} | {label} | {accs} | {100 * x['mean_acc']:.1f} | {x['perplexity']:.2f} |")
+    n = zs["limit"]
+    times = ["", f"Time of each task on this CPU ({n} examples, batch {zs.get('batch_size', '-')}, lm-eval's "
+             "loading of the task included), per model evaluated:", "",
+             "| task | dense (s) | min - max over the models (s) | s per example (dense) |", "|---|---:|---:|---:|"]
+    dense = done.get(("dense", "-"))
+    for t in tasks:
+        ts = [x["zero_shot"][t]["time_s"] for x in r["rows"]]
+        d = dense["zero_shot"][t]["time_s"] if dense else float("nan")
+        times.append(f"| {TASK_NAMES.get(t, t)} | {d:.1f} | {min(ts):.1f} - {max(ts):.1f} | {d / n:.2f} |")
+    return head + "\n".join(lines + times)
+
+
 if __name__ == "__main__":
     for name, fn in [("paper_table_smollm2.json", paper_table), ("prune_time_smollm2.json", prune_time_table),
                      ("gpu_check_h200.json", gpu_table),
                      ("vs_llmcompressor_smollm2.json", llmc_table), ("sparse24_h200_bf16.json", sparse24_table),
                      ("storage_smollm2.json", storage_table), ("kill_resume_smollm2.json", kill_resume_table),
-                     ("beyond_wanda_smollm2.json", beyond_table), ("beyond_wanda_gemma3.json", beyond_table)]:
+                     ("beyond_wanda_smollm2.json", beyond_table), ("beyond_wanda_gemma3.json", beyond_table),
+                     ("zero_shot_smollm2.json", zero_shot_table)]:
         if (RESULTS / name).is_file():
             print(f"<!-- {name} -->\n{fn(RESULTS / name)}\n")
         else:

@@ -9,8 +9,9 @@ from .errors import UsageError  # noqa: E402
 from .layerwise import OWL  # noqa: E402
 from .loading import load_model  # noqa: E402
 from .patterns import NM, Unstructured, parse_pattern, select  # noqa: E402
+from .zeroshot import ZeroShotSettings, evaluate_zero_shot  # noqa: E402  (imports lm_eval only when called)
 
 __all__ = [
-    "NM", "OWL", "Calibration", "EvalSettings", "PruneResult", "Unstructured", "UsageError",
-    "evaluate_perplexity", "load", "load_model", "parse_pattern", "prune", "select",
+    "NM", "OWL", "Calibration", "EvalSettings", "PruneResult", "Unstructured", "UsageError", "ZeroShotSettings",
+    "evaluate_perplexity", "evaluate_zero_shot", "load", "load_model", "parse_pattern", "prune", "select",
 ]

@@ -150,17 +150,18 @@ def write_plots(reports: list[dict], folder: Path) -> list[Path]:
             for method in methods:
                 pts = sorted((r["sparsity"], r["metrics"][col], r["pattern"]) for r in pruned
                              if r["method"] == method and r["metrics"].get(col) is not None)
+                line = [p for p in pts if p[2] == "unstructured"]  # N:M runs are single marked points
                 if dense is not None and dense["metrics"].get(col) is not None:
-                    pts = [(0.0, dense["metrics"][col], "dense")] + pts
-                if pts:
-                    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)
-                    for x, y, pattern in pts:
-                        if pattern not in ("unstructured", "dense"):
-                            ax.annotate(pattern, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+                    line = [(0.0, dense["metrics"][col], "dense")] + line
+                (handle,) = ax.plot([p[0] for p in line], [p[1] for p in line], marker="o", label=method)
+                for x, y, pattern in pts:
+                    if pattern != "unstructured":
+                        ax.plot([x], [y], marker="s", linestyle="none", color=handle.get_color())
+                        ax.annotate(pattern, (x, y), textcoords="offset points", xytext=(5, 3), fontsize=8)
             ax.set_yscale("log")
             ax.set_xlabel("sparsity (zeros / pruned weights)")
             ax.set_ylabel(f"perplexity ({col[4:]})")
-            ax.set_title(f"{col[4:]} perplexity vs sparsity")
+            ax.set_title(f"{col[4:]} perplexity vs sparsity (squares: N:M)")
             ax.grid(True, which="both", alpha=0.3)
             ax.legend()
         written.append(_save(fig, folder / "perplexity_vs_sparsity.png"))
