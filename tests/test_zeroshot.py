@@ -258,3 +258,25 @@ def test_compare_table_rows_and_error_plot(tmp_path):
         bad = tmp_path / "bad.json"
         bad.write_text("{}")
         compare.load_reports([bad])
+
+
+def test_without_data_dir_the_standard_hub_task_is_used(tokenizer, tmp_path):
+    """No data directory: lm-eval's own task (its hub dataset); offline that is one clear error, not a hang."""
+    tokenizer.save_pretrained(tmp_path / "tok")
+    code = f"""
+import sys
+sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})
+from transformers import AutoTokenizer
+from tests.conftest import tiny_model
+from llmprune import zeroshot
+from llmprune.errors import UsageError
+tok = AutoTokenizer.from_pretrained({str(tmp_path / "tok")!r})
+try:
+    zeroshot.evaluate_zero_shot(tiny_model("llama"), tok, zeroshot.ZeroShotSettings(("rte",), limit=2), None, progress=False)
+except UsageError as exc:
+    print("usage-error:", exc)
+"""
+    env = {k: v for k, v in __import__("os").environ.items() if k != "LLMPRUNE_DATA_DIR"}
+    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300).stdout
+    assert "usage-error: zero-shot task rte" in out and "nyu-mll/glue" in out and "--data-dir" in out, out

@@ -222,7 +222,15 @@ def evaluate_zero_shot(model, tokenizer, settings: ZeroShotSettings, data_dir=No
 
             tqdm.write(f"{label} zero-shot {task}".strip())
         t0 = time.perf_counter()
-        res = lm_eval.simple_evaluate(model=lm, tasks=[task], num_fewshot=0, limit=settings.limit,
+        try:
+            (task_obj,) = manager.load([task])["tasks"].values()
+        except Exception as exc:  # the hub dataset could not be had (offline, no access): say what to do
+            if ddir is not None:
+                raise
+            raise UsageError(f"zero-shot task {task}: lm-eval could not load its hub dataset ({type(exc).__name__}: "
+                             f"{str(exc)[:200]}); with no network, pass --data-dir (or set LLMPRUNE_DATA_DIR) "
+                             f"to a folder holding {LOCAL_FILES[task][0]}") from None
+        res = lm_eval.simple_evaluate(model=lm, tasks=[task_obj], num_fewshot=0, limit=settings.limit,
                                       task_manager=manager, log_samples=False, bootstrap_iters=1000,
                                       verbosity="ERROR")
         elapsed = time.perf_counter() - t0
