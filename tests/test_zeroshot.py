@@ -280,3 +280,20 @@ except UsageError as exc:
     env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300).stdout
     assert "usage-error: zero-shot task rte" in out and "nyu-mll/glue" in out and "--data-dir" in out, out
+
+
+def test_uniform_logits_perplexity_is_vocabulary_size(tokenizer, ddir):
+    """The perplexity sets keep going through llmprune's own code: a model whose logits are all equal
+    has perplexity exactly its vocabulary size on every set (through the public API, real data)."""
+    import llmprune
+    from llmprune import EvalSettings
+
+    from .conftest import VOCAB
+
+    model = tiny_model("llama")
+    with torch.no_grad():
+        model.lm_head.weight.zero_()
+    out = llmprune.evaluate_perplexity(model, tokenizer, EvalSettings(("wikitext2", "ptb"), seqlen=32, max_windows=3),
+                                       "cpu", ddir, progress=False)
+    for name in ("wikitext2", "ptb"):
+        assert out[name].perplexity == pytest.approx(VOCAB, rel=1e-5) and out[name].windows == 3
