@@ -22,7 +22,7 @@ from llmprune.config import Calibration
 from llmprune.evaluate import perplexity, windows_of
 from llmprune.zeroshot import PAPER_TASKS, ZeroShotSettings, evaluate_zero_shot, harness_version, task_manager
 
-RUNS = [(m, p) for p in ("unstructured", "2:4") for m in ("wanda", "sparsegpt", "magnitude")]
+RUNS = [(m, p) for m in ("wanda", "magnitude", "sparsegpt") for p in ("unstructured", "2:4")]
 
 
 def table(rows: list[dict], tasks) -> str:
