@@ -87,6 +87,51 @@ def gpu_table(path: Path) -> str:
     return "\n".join(out)
 
 
+def gpu_scale_table(path: Path) -> str:
+    r = json.loads(path.read_text())
+    floor = r["floor_two_forwards_s"]
+    gib = 2**30
+    out = [f"{r['gpu']}, torch {r['versions']['torch']}, CUDA {r['cuda']}, transformers {r['versions']['transformers']}; "
+           f"Llama-2-7B shapes with {r['layers']} of its 32 decoder blocks, random {r['dtype']} weights "
+           f"({r['model_bytes'] / gib:.1f} GiB), calibration {r['calibration'][0]} x {r['calibration'][1]} tokens, "
+           f"batch {r['batch']}.\n",
+           "| run | time (s) | x floor | peak GPU memory (GiB) | % of model bytes | estimated before the run (GiB) |",
+           "|---|---:|---:|---:|---:|---:|",
+           f"| floor: two plain forward passes of every block | {floor:.1f} | 1.00 | | | |"]
+    for run in r["runs"]:
+        peak = run["peak_gpu_bytes"]
+        out.append(f"| {run['method']} {run['pattern']}, {run['placement']} | {run['prune_s']:.1f} | "
+                   f"{run['prune_s'] / floor:.2f} | {peak / gib:.2f} | {100 * peak / r['model_bytes']:.0f}% | "
+                   f"{run['estimate']['device_bytes'] / gib:.2f} |")
+    d = r.get("two_gpus_vs_one")
+    if d:
+        out += ["", f"2 processes (torchrun, NCCL, one H200 each) against 1, same tokens, {d['layers']} blocks, "
+                    f"calibration {d['calibration'][0]} x {d['calibration'][1]}, batch {d['batch']}, model on the GPU:", "",
+                "| method | 1 GPU (s) | 2 GPUs (s) | speed-up | layers with identical masks | bitwise identical weights "
+                "| max abs weight difference (block 0) |", "|---|---:|---:|---:|---:|---:|---:|"]
+        for x in d["rows"]:
+            n = x["layers_compared"]
+            out.append(f"| {x['method']} {x['pattern']} | {x['prune_s_1']:.1f} | {x['prune_s_2']:.1f} | "
+                       f"{x['speedup']:.2f}x | {x['masks_identical']}/{n} | {x['weights_bitwise_identical']}/{n} | "
+                       f"{x['max_abs_weight_diff_first_block']:.3g} |")
+    return "\n".join(out)
+
+
+def stream_memory_table(path: Path) -> str:
+    r = json.loads(path.read_text())
+    mib, base = 2**20, r["import_baseline_rss_bytes"]
+    out = [f"Llama-shaped model, {r['layers']} blocks of width {r['hidden']} / {r['intermediate']}, vocabulary "
+           f"{r['vocab']}, random fp32 weights ({r['model_bytes'] / mib:.0f} MiB), Wanda on the CPU, "
+           f"{r['calibration'][0]} x {r['calibration'][1]} tokens; each run its own process. Python with torch, "
+           f"transformers and llmprune imported holds {base / mib:.0f} MiB before any model.\n",
+           "| run | peak resident memory (MiB) | above the import baseline (MiB) |", "|---|---:|---:|"]
+    for x in r["runs"]:
+        out.append(f"| {x['run'].replace('_', ' ')} | {x['peak_rss_bytes'] / mib:.0f} | "
+                   f"{(x['peak_rss_bytes'] - base) / mib:.0f} |")
+    out.append(f"\nSaved outputs identical: {r['outputs_identical']}.")
+    return "\n".join(out)
+
+
 def llmc_table(path: Path) -> str:
     r = json.loads(path.read_text())
     c = r["calibration"]
@@ -208,7 +253,8 @@ def zero_shot_table(path: Path) -> str:
 
 if __name__ == "__main__":
     for name, fn in [("paper_table_smollm2.json", paper_table), ("prune_time_smollm2.json", prune_time_table),
-                     ("gpu_check_h200.json", gpu_table),
+                     ("gpu_check_h200.json", gpu_table), ("gpu_scale_h200.json", gpu_scale_table),
+                     ("stream_memory_cpu.json", stream_memory_table),
                      ("vs_llmcompressor_smollm2.json", llmc_table), ("sparse24_h200_bf16.json", sparse24_table),
                      ("storage_smollm2.json", storage_table), ("kill_resume_smollm2.json", kill_resume_table),
                      ("beyond_wanda_smollm2.json", beyond_table), ("beyond_wanda_gemma3.json", beyond_table),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -12,7 +13,8 @@ import torch
 from . import data as data_mod
 from .checkpoint import Checkpoint, model_fingerprint, tokens_sha256
 from .config import Calibration, EvalSettings
-from .devices import deterministic, resolve_device, synchronize
+from . import distributed, memory
+from .devices import cpu_free_bytes, deterministic, free_bytes, resolve_device, synchronize
 from .errors import UsageError
 from .evaluate import Perplexity, perplexity, windows_of
 from .guards import NumericalError
@@ -35,6 +37,7 @@ class PruneResult:
     """Blocks restored from the checkpoint folder instead of computed (0: a fresh run)."""
     determinism: dict = field(default_factory=dict)
     """Whether the run was deterministic on its device, and why not where it was not."""
+    memory_estimate: dict | None = None
 
     @property
     def warnings(self) -> list[str]:
@@ -90,6 +93,9 @@ def prune(
     update: str | None = None,
     checkpoint_dir: str | Path | None = None,
     overwrite: bool = False,
+    activations: str = "auto",
+    world: distributed.World | None = None,
+    placement=None,
 ) -> PruneResult:
     """Prune ``model`` in place, block by block; returns what was done.
 
@@ -101,6 +107,11 @@ def prune(
     re-fit the kept weights by least squares on the calibration inputs after the mask.
     ``checkpoint_dir``: save progress there after every block and resume from it (same settings:
     bit-identical to an uninterrupted run; other settings: refused unless ``overwrite``).
+    ``activations``: where calibration hidden states live between blocks on a GPU: ``auto`` (on the
+    GPU when the memory estimate fits, else pinned CPU memory), ``gpu`` or ``cpu``. A run that cannot
+    fit is refused before any work. ``world`` (from ``distributed.init``): this process's share of
+    the calibration batches; statistics are summed over all processes. ``placement``: how blocks
+    reach the device (``streaming.DiskBlocks`` for a model read from and written to disk).
     """
     method = get_method(method, permute=permute, update=update)
     pattern = as_pattern(pattern, sparsity)
@@ -147,14 +158,23 @@ def prune(
             settings.update(layerwise="list")
         settings["block_sparsity"] = per_block
         block_patterns = [Unstructured(s, pattern.scope) for s in per_block]
+    world = world or distributed.World()
+    if tokens is not None:
+        tokens = distributed.shard(tokens, batch_size, world)
+    estimate = memory.plan(memory.ModelSizes.of(model, device), tokens.shape[0] if tokens is not None else 0,
+                           tokens.shape[1] if tokens is not None else 0, batch_size, method.needs, device,
+                           activations, free_bytes(device), cpu_free_bytes())
+    if progress:
+        print(estimate.describe(device), file=sys.stderr, flush=True)
     checkpoint = None
-    if checkpoint_dir is not None:
+    if checkpoint_dir is not None and world.size == 1:  # one process's progress; torchrun runs are not checkpointed
         checkpoint = Checkpoint(checkpoint_dir, run_settings(model, method, pattern, tokens, device, batch_size, settings),
                                 overwrite)
     with deterministic(device) as determinism, (checkpoint.stop_between_blocks() if checkpoint else nullcontext()):
         try:
-            layers = prune_blocks(model, method, pattern, tokens, device, batch_size, progress, block_patterns,
-                                  checkpoint=checkpoint)
+            layers = prune_blocks(model, method, pattern, tokens, device, batch_size, progress and world.is_main,
+                                  block_patterns, checkpoint=checkpoint, offload_activations=estimate.offload,
+                                  reduce_statistics=distributed.reducer(world), placement=placement)
         except NumericalError:
             if checkpoint is not None:
                 checkpoint.discard()  # its blocks came from numbers that cannot be trusted
@@ -163,7 +183,9 @@ def prune(
     model.train(was_training)
     resumed = checkpoint.resumed_from if checkpoint else 0
     return PruneResult(method.name, pattern, layers, time.perf_counter() - start, calib_info, settings,
-                       resumed, determinism)
+                       resumed, determinism,
+                       {"device_bytes": estimate.device_bytes, "cpu_bytes": estimate.cpu_bytes,
+                        "activations": "cpu" if estimate.offload else str(device), "processes": world.size})
 
 
 def run_settings(model, method, pattern: Pattern, tokens, device: torch.device, batch_size: int,

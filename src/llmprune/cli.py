@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -108,6 +109,8 @@ def prune(
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
     batch_size: int = typer.Option(8, "--batch-size", help="Calibration windows per forward pass."),
+    activations: str = typer.Option("auto", "--activations", help="auto | gpu | cpu: where calibration hidden states live between blocks (auto: on the GPU when they fit, else pinned CPU memory)."),
+    stream_from_disk: bool = typer.Option(False, "--stream-from-disk", help="Read one block at a time from the model folder's safetensors files and write the pruned model block by block to --out (for models larger than CPU memory; needs --out and --eval '')."),
     eval_sets: str = EvalOpt,
     eval_seqlen: Optional[int] = EvalSeqOpt,
     max_eval_windows: Optional[int] = MaxWinOpt,
@@ -127,9 +130,16 @@ def prune(
 
     With --out, progress is saved after every block in a hidden sibling folder; running the same
     command again after a crash or Ctrl-C continues from the last finished block.
+    Under `torchrun --nproc-per-node K -m llmprune prune ...` the calibration batches are split over
+    the K processes (one GPU each) and their statistics summed; rank 0 evaluates, reports and saves.
     """
+    options = dict(locals())
+    from . import distributed
+
+    world = None
     try:
-        _prune(**locals())
+        world, options["device"] = distributed.init(device)
+        _prune(world=world, **options)
     except UsageError as exc:
         _fail(exc)
     except Exception as exc:
@@ -138,12 +148,16 @@ def prune(
         if isinstance(exc, Interrupted):
             _interrupted(exc)
         raise
+    finally:
+        if world is not None:
+            distributed.finish(world)
 
 
-def _prune(*, model, method, sparsity, pattern, layerwise, owl_m, owl_lambda, permute, update, calib, nsamples, seqlen,
-           seed, calib_tokens, device, dtype, batch_size, eval_sets, eval_seqlen, max_eval_windows, eval_tasks, limit,
-           eval_batch_size, out, overwrite, format, report, data_dir, trust_remote_code, progress):
-    from . import api, checkpoint, data, devices, export, integrity, loading, report as report_mod, zeroshot
+def _prune(*, world, model, method, sparsity, pattern, layerwise, owl_m, owl_lambda, permute, update, calib, nsamples,
+           seqlen, seed, calib_tokens, device, dtype, batch_size, activations, stream_from_disk, eval_sets, eval_seqlen,
+           max_eval_windows, eval_tasks, limit, eval_batch_size, out, overwrite, format, report, data_dir,
+           trust_remote_code, progress):
+    from . import api, checkpoint, data, devices, export, integrity, loading, report as report_mod, streaming, zeroshot
     from .config import Calibration, EvalSettings, parse_sets
     from .layerwise import OWL, parse_layerwise
     from .methods import get_method
@@ -161,15 +175,26 @@ def _prune(*, model, method, sparsity, pattern, layerwise, owl_m, owl_lambda, pe
     if permute and isinstance(pattern_obj, Unstructured):
         raise UsageError("--permute only changes N:M masks; use it with --pattern N:M")
     calibration = Calibration(calib, nsamples, seqlen, seed)
+    main = world.is_main  # the other ranks only take their share of the calibration work
     extra_sets, zs_tasks = zeroshot.split_task_list(eval_tasks)
-    settings = EvalSettings(tuple(dict.fromkeys(parse_sets(eval_sets) + extra_sets)), eval_seqlen or seqlen, max_eval_windows)
-    zs_settings = zeroshot.ZeroShotSettings(zs_tasks, limit, eval_batch_size) if zs_tasks else None
+    sets = tuple(dict.fromkeys(parse_sets(eval_sets) + extra_sets))
+    settings = EvalSettings(sets if main else (), eval_seqlen or seqlen, max_eval_windows)
+    zs_settings = zeroshot.ZeroShotSettings(zs_tasks, limit, eval_batch_size) if zs_tasks and main else None
+    if activations not in ("auto", "gpu", "cpu"):
+        raise UsageError(f"--activations must be auto, gpu or cpu, got {activations!r}")
     dev = devices.resolve_device(device)
     dt = devices.resolve_dtype(dtype, dev)
     export.check_format(format)
     if permute and format == "compressed":
         raise UsageError("--permute leaves masks that are N:M only in a permuted column order, which --format compressed "
                          "cannot store as N:M; save with --format dense")
+    if stream_from_disk and out is None:
+        raise UsageError("--stream-from-disk writes the pruned model block by block: give --out DIR")
+    if stream_from_disk and (settings.sets or zs_tasks):
+        raise UsageError("--stream-from-disk never holds the whole model, so it cannot evaluate it: pass "
+                         "--eval '' (and no --eval-tasks) and evaluate the saved folder with `llmprune eval --model DIR`")
+    if stream_from_disk and format != "dense":
+        raise UsageError("--stream-from-disk writes a dense Hugging Face folder; drop --format or use --format dense")
     if out is not None:
         export.check_output_dir(out, overwrite)
     if report is not None and report.is_dir():
@@ -185,62 +210,100 @@ def _prune(*, model, method, sparsity, pattern, layerwise, owl_m, owl_lambda, pe
 
     devices.reset_peak_memory()
     t0 = time.perf_counter()
-    lm, tok, info = loading.load_model(model, dt, trust_remote_code, progress)
-    find_decoder(lm)  # an unsupported architecture is refused before any evaluation
-    load_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    tokens = data.load_token_file(calib_tokens, lm.config.get_text_config().vocab_size) if calib_tokens else None
-    if tokens is None and (method_obj.needs or isinstance(layerwise_obj, OWL)):  # sample now so bad calibration input fails before evaluation
-        tokens = api.calibration_tokens(lm, tok, calibration, ddir)
+    placement = None
+    if stream_from_disk:
+        lm, tok, info, placement = _open_streamed(model, dt, trust_remote_code, out if main else None)
     else:
-        calibration = None  # the report then describes the given token file
-    calib_data_s = time.perf_counter() - t0
-    eval_s = 0.0
-    dense_ppl, dense_zs, pruned_zs = {}, None, None
-    if settings.sets:
+        lm, tok, info = loading.load_model(model, dt, trust_remote_code, progress and main)
+    try:
+        load_s = time.perf_counter() - t0
         t0 = time.perf_counter()
-        windows = api.eval_windows(lm, tok, settings, ddir)
-        dense_ppl = api.perplexities(lm, windows, settings, dev, progress, label="dense")
-        eval_s += time.perf_counter() - t0
-    if zs_settings is not None:
-        t0 = time.perf_counter()
-        lm.to(dev)
-        dense_zs = zeroshot.evaluate_zero_shot(lm, tok, zs_settings, ddir, progress, label="dense")
-        eval_s += time.perf_counter() - t0
-    lm.to("cpu")
-    work = checkpoint.work_dir_for(out) if out is not None else None
-    result = api.prune(lm, tok, method=method_obj, pattern=pattern_obj, calibration=calibration,
-                       calib_tokens=tokens, device=dev, batch_size=batch_size, data_dir=ddir, progress=progress,
-                       layerwise=layerwise_obj, checkpoint_dir=work, overwrite=overwrite)
-    pruned_ppl = {}
-    if settings.sets:
-        t0 = time.perf_counter()
-        pruned_ppl = api.perplexities(lm, windows, settings, dev, progress, label="pruned")
-        eval_s += time.perf_counter() - t0
-    if zs_settings is not None:
-        t0 = time.perf_counter()
-        lm.to(dev)
-        pruned_zs = zeroshot.evaluate_zero_shot(lm, tok, zs_settings, ddir, progress, label="pruned")
-        eval_s += time.perf_counter() - t0
-    payload = report_mod.build_report(
-        model=info, result=result, device=dev, dtype=dt,
-        times={"load_s": load_s, "calib_data_s": calib_data_s, "prune_s": result.prune_s, "eval_s": eval_s},
-        peak=devices.peak_memory_bytes(), dense_ppl=dense_ppl, pruned_ppl=pruned_ppl, eval_settings=settings,
-        zero_shot=report_mod.zero_shot_table(dense_zs, pruned_zs),
-        extra={"command": sys.argv, "weights_sha256": integrity.state_sha256(lm)},
-    )
-    if report is not None:
-        report_mod.write_json(report, payload)
-    if out is not None:
-        lm.to("cpu")
-        export.save_pruned(lm, tok, out, payload, overwrite, format=format, pattern=pattern_obj,
-                           after_error=f"; the pruned blocks are kept in {work}: re-run the same command to finish")
-        checkpoint.Checkpoint.remove(work)
-        if format == "compressed":
-            st = json.loads((out / export.REPORT_NAME).read_text())["storage"]
-            Console().print(f"pruned Linear weights: {st['linear_stored_bytes'] / 2**20:.1f} MiB stored vs "
-                            f"{st['linear_dense_bytes'] / 2**20:.1f} MiB dense ({st['linear_ratio']:.3f}x)", highlight=False)
-    _print_summary(payload)
+        find_decoder(lm)  # an unsupported architecture is refused before any evaluation
+        tokens = data.load_token_file(calib_tokens, lm.config.get_text_config().vocab_size) if calib_tokens else None
+        if tokens is None and (method_obj.needs or isinstance(layerwise_obj, OWL)):  # sample now: bad input fails early
+            tokens = api.calibration_tokens(lm, tok, calibration, ddir)
+        else:
+            calibration = None  # the report then describes the given token file
+        calib_data_s = time.perf_counter() - t0
+        eval_s = 0.0
+        dense_ppl, dense_zs, pruned_zs = {}, None, None
+        if settings.sets:
+            t0 = time.perf_counter()
+            windows = api.eval_windows(lm, tok, settings, ddir)
+            dense_ppl = api.perplexities(lm, windows, settings, dev, progress, label="dense")
+            eval_s += time.perf_counter() - t0
+        if zs_settings is not None:
+            t0 = time.perf_counter()
+            lm.to(dev)
+            dense_zs = zeroshot.evaluate_zero_shot(lm, tok, zs_settings, ddir, progress, label="dense")
+            eval_s += time.perf_counter() - t0
+        if settings.sets or zs_settings is not None:
+            lm.to("cpu")
+        # progress is checkpointed by one in-memory process; a streamed model is written block by block instead
+        work = checkpoint.work_dir_for(out) if out is not None and main and placement is None else None
+        result = api.prune(lm, tok, method=method_obj, pattern=pattern_obj, calibration=calibration,
+                           calib_tokens=tokens, device=dev, batch_size=batch_size, data_dir=ddir, progress=progress and main,
+                           layerwise=layerwise_obj, activations=activations, world=world, placement=placement,
+                           checkpoint_dir=work, overwrite=overwrite)
+        if not main:  # every rank holds the same pruned model; rank 0 evaluates, reports and saves it
+            return
+        pruned_ppl = {}
+        if settings.sets:
+            t0 = time.perf_counter()
+            pruned_ppl = api.perplexities(lm, windows, settings, dev, progress, label="pruned")
+            eval_s += time.perf_counter() - t0
+        if zs_settings is not None:
+            t0 = time.perf_counter()
+            lm.to(dev)
+            pruned_zs = zeroshot.evaluate_zero_shot(lm, tok, zs_settings, ddir, progress, label="pruned")
+            eval_s += time.perf_counter() - t0
+        payload = report_mod.build_report(
+            model=info, result=result, device=dev, dtype=dt,
+            times={"load_s": load_s, "calib_data_s": calib_data_s, "prune_s": result.prune_s, "eval_s": eval_s},
+            peak=devices.peak_memory_bytes(), dense_ppl=dense_ppl, pruned_ppl=pruned_ppl, eval_settings=settings,
+            zero_shot=report_mod.zero_shot_table(dense_zs, pruned_zs),
+            extra={"command": sys.argv, "processes": world.size,
+                   "weights_sha256": integrity.state_sha256(lm) if placement is None else None},
+        )
+        if report is not None:
+            report_mod.write_json(report, payload)
+        if placement is not None:
+            placement.finish(lm, tok, payload)
+            streaming.move_into_place(placement.out, out)
+        elif out is not None:
+            lm.to("cpu")
+            export.save_pruned(lm, tok, out, payload, overwrite, format=format, pattern=pattern_obj,
+                               after_error=f"; the pruned blocks are kept in {work}: re-run the same command to finish")
+            checkpoint.Checkpoint.remove(work)
+            if format == "compressed":
+                st = json.loads((out / export.REPORT_NAME).read_text())["storage"]
+                Console().print(f"pruned Linear weights: {st['linear_stored_bytes'] / 2**20:.1f} MiB stored vs "
+                                f"{st['linear_dense_bytes'] / 2**20:.1f} MiB dense ({st['linear_ratio']:.3f}x)",
+                                highlight=False)
+        _print_summary(payload)
+    finally:
+        if placement is not None and placement.out is not None:
+            shutil.rmtree(placement.out, ignore_errors=True)  # left only by a failed run
+
+
+def _open_streamed(spec, dtype, trust_remote_code, out):
+    """The model with its blocks left on disk, and the placement that streams them (writing to ``out``'s
+    temporary sibling on rank 0 only)."""
+    from transformers import AutoTokenizer
+
+    from . import loading, streaming
+
+    kind, location = loading.resolve_source(spec)
+    if kind == "hub":
+        raise UsageError(f"--stream-from-disk needs a local model folder; {spec} is not one (download it first)")
+    folder = loading.gguf_to_folder(location) if kind == "gguf" else location
+    lm, reader = streaming.open_model(folder, dtype, trust_remote_code)
+    try:
+        tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError):  # a folder without tokenizer files still prunes with --calib-tokens
+        tok = None
+    tmp = streaming.partial_dir(out) if out is not None else None
+    return lm, tok, {"spec": spec, "kind": kind, "path": location, "streamed": True}, streaming.DiskBlocks(lm, reader, tmp)
 
 
 @app.command("eval")
@@ -408,7 +471,8 @@ def run(argv: list[str] | None = None) -> int:
 def main() -> None:
     from .devices import tune_cpu_allocator
 
-    tune_cpu_allocator()
+    if "--stream-from-disk" not in sys.argv:  # a heap that keeps freed buffers would keep every block read
+        tune_cpu_allocator()
     sys.exit(run())
 
 

@@ -129,3 +129,33 @@ def tune_cpu_allocator() -> bool:
         return bool(ok and libc.mallopt(m_trim_threshold, 4 * 1024 * 1024 * 1024 - 1))
     except (OSError, AttributeError):
         return False
+
+
+def free_bytes(device: torch.device) -> int | None:
+    """Memory this process may still allocate on ``device``: the GPU's free memory plus what torch holds
+    unused, capped by ``torch.cuda.set_per_process_memory_fraction``. None for the CPU (see ``cpu_free_bytes``)."""
+    if device.type != "cuda":
+        return None
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    free, total = torch.cuda.mem_get_info(index)
+    cached = torch.cuda.memory_reserved(index) - torch.cuda.memory_allocated(index)
+    get_fraction = getattr(torch.cuda, "get_per_process_memory_fraction", None)
+    fraction = get_fraction(index) if get_fraction is not None else 1.0
+    cap = int(total * fraction) - torch.cuda.memory_allocated(index)
+    return max(0, min(free + cached, cap))
+
+
+def cpu_free_bytes() -> int | None:
+    """MemAvailable from /proc/meminfo, or None where it cannot be read."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def set_device(device: torch.device) -> None:
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .activations import ActivationStore
 from .capture import BlockCall, StopForward, collect_statistics, record_block_calls
 from .errors import UsageError
 from .guards import NumericalError, check_finite, record_numerical_warnings, statistic_tensors
@@ -33,6 +34,20 @@ class LayerResult:
         return self.zeros / (self.shape[0] * self.shape[1])
 
 
+class InMemory:
+    """Blocks live in memory (CPU or device); each visits the compute device while it is pruned."""
+
+    def __init__(self) -> None:
+        self._home: dict[int, torch.device] = {}
+
+    def load(self, index: int, block: nn.Module, device: torch.device) -> None:
+        self._home[index] = next(block.parameters()).device
+        block.to(device)
+
+    def release(self, index: int, block: nn.Module) -> None:
+        block.to(self._home.pop(index))
+
+
 @contextlib.contextmanager
 def _decoder_stem_on(decoder: nn.Module, blocks: nn.ModuleList, device: torch.device):
     """Move everything of the decoder except its blocks (embeddings, rotary, norms) to ``device``."""
@@ -51,10 +66,11 @@ def _decoder_stem_on(decoder: nn.Module, blocks: nn.ModuleList, device: torch.de
             child.to(where)
 
 
-def capture_block_inputs(model, tokens: torch.Tensor, batch_size: int, device: torch.device):
-    """Block-0 inputs per calibration batch, and each block's call arguments per batch size."""
+def capture_block_inputs(model, tokens: torch.Tensor, batch_size: int, device: torch.device, hidden=None):
+    """Block-0 inputs per calibration batch (appended to ``hidden``: a list, or an ``ActivationStore``),
+    and each block's call arguments per batch size."""
     decoder, blocks = find_decoder(model)
-    hidden: list[torch.Tensor] = []
+    hidden = [] if hidden is None else hidden
     calls: dict[int, list[BlockCall]] = {}
     with _decoder_stem_on(decoder, blocks, device), record_block_calls(blocks) as record:
         for start in range(0, tokens.shape[0], batch_size):
@@ -95,6 +111,9 @@ def prune_blocks(
     progress: bool = True,
     block_patterns: Sequence[Pattern] | None = None,
     checkpoint=None,
+    offload_activations: bool = False,
+    reduce_statistics=None,
+    placement=None,
 ) -> list[LayerResult]:
     """Prune every decoder block's Linear layers in place; embeddings and lm_head are untouched.
 
@@ -102,7 +121,12 @@ def prune_blocks(
     ``checkpoint`` (a ``checkpoint.Checkpoint``) restores finished blocks before the first one and
     saves each block when it is done. NaN/Inf in a block's inputs, statistics or outputs raises
     ``NumericalError`` naming the block and layer.
+    ``offload_activations`` keeps the calibration hidden states in pinned CPU memory between blocks.
+    ``reduce_statistics(collector)``, if given, combines each block's statistics with other
+    processes' (see ``distributed``) before any Linear is pruned. ``placement`` brings each block to
+    the device and takes it back (default ``InMemory``; ``streaming.DiskBlocks`` reads and writes files).
     """
+    placement = placement or InMemory()
     decoder, blocks = find_decoder(model)
     if block_patterns is not None and len(block_patterns) != len(blocks):
         raise UsageError(f"--layerwise gives {len(block_patterns)} sparsities but the model has {len(blocks)} blocks")
@@ -118,9 +142,11 @@ def prune_blocks(
     if method.needs and first < len(blocks):
         if tokens is None:
             raise ValueError(f"method {method.name} needs calibration tokens")
-        hidden, calls = capture_block_inputs(model, tokens, batch_size, device)
+        store = ActivationStore(device, offload_activations)
+        hidden, calls = capture_block_inputs(model, tokens, batch_size, device, store)
         if restored is not None and restored.inputs is not None:
-            hidden = [h.to(device) for h in restored.inputs]
+            for i, h in enumerate(restored.inputs):
+                hidden[i] = h.to(device)
         check_finite(hidden, f"the inputs of block {first}", hidden[0].dtype)
 
     last = len(blocks) - 1
@@ -128,8 +154,7 @@ def prune_blocks(
     for index, block in enumerate(blocks):
         if index < first:
             continue
-        home = next(block.parameters()).device
-        block.to(device)
+        placement.load(index, block, device)
         prefix = names[id(block)]
         dtype = next(block.parameters()).dtype
         layers = prunable_layers(block)
@@ -138,6 +163,8 @@ def prune_blocks(
         if method.needs:
             with collect_statistics(layers, method.needs) as collector:
                 _run_block(block, hidden, block_calls, collector=collector)
+            if reduce_statistics is not None:
+                reduce_statistics(collector)
         for name, layer in layers.items():
             block_pattern = pattern if block_patterns is None else block_patterns[index]
             results.append(_prune_layer(method, block_pattern, layer, collector, name, f"{prefix}.{name}", index, dtype))
@@ -145,10 +172,10 @@ def prune_blocks(
         if method.needs and index < last:  # the last block's outputs feed nothing we prune
             _run_block(block, hidden, block_calls)
             check_finite(hidden, f"the output of block {index} ({prefix})", dtype)
-        block.to(home)
         if checkpoint is not None:
             inputs = hidden if method.needs and index < last else None
             checkpoint.save(index, block, list(layers), inputs, [asdict(r) for r in results], len(blocks))
+        placement.release(index, block)
         bar.update()
     bar.close()
     return results

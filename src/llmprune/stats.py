@@ -1,4 +1,11 @@
-"""Running statistics of a Linear layer's input, always accumulated in fp32."""
+"""Running statistics of a Linear layer's input: fp32 per batch, summed over batches in fp64.
+
+Each ``add`` computes its batch's contribution in fp32 (bf16/fp16 products are exact in fp32)
+and adds it to an fp64 total. Sums of a few fp32 terms are exact in fp64 unless their
+magnitudes differ by ~2^29, so the totals do not depend on the order in which batches are
+added: several processes that each see a share of the batches and sum their totals
+(``all_reduce``) get the same statistic, bit for bit, as one process that saw them all.
+"""
 
 from __future__ import annotations
 
@@ -9,34 +16,55 @@ class InputNorms:
     """Mean of x_j^2 over calibration tokens, per input feature (Wanda's statistic)."""
 
     def __init__(self, features: int, device: torch.device) -> None:
-        self.sum_sq = torch.zeros(features, dtype=torch.float32, device=device)
+        self.sum_sq = torch.zeros(features, dtype=torch.float64, device=device)
         self.tokens = 0
+        self.memo: dict = {}
 
     def add(self, x: torch.Tensor) -> None:
-        x = x.reshape(-1, x.shape[-1]).float()
-        self.sum_sq += (x * x).sum(dim=0)
+        x = x.reshape(-1, x.shape[-1])
+        for part in x.split(4096):  # bounded fp32 temporaries
+            self.sum_sq += part.float().pow(2).sum(dim=0)
         self.tokens += x.shape[0]
+
+    def tensors(self) -> list[torch.Tensor]:
+        """The running sums; summing them over processes (with ``tokens``) combines shares of the data."""
+        return [self.sum_sq]
 
     @property
     def mean_sq(self) -> torch.Tensor:
-        return self.sum_sq / max(self.tokens, 1)
+        return (self.sum_sq / max(self.tokens, 1)).float()
 
 
 class Hessian:
     """H = 2 X^T X / n over calibration tokens (SparseGPT's statistic)."""
 
     def __init__(self, features: int, device: torch.device) -> None:
-        self.xtx = torch.zeros(features, features, dtype=torch.float32, device=device)
+        self.xtx = torch.zeros(features, features, dtype=torch.float64, device=device)
         self.tokens = 0
+        self.memo: dict = {}  # values derived from the finished matrix, shared by the Linears that read it
 
     def add(self, x: torch.Tensor) -> None:
-        x = x.reshape(-1, x.shape[-1]).float()
-        self.xtx.addmm_(x.T, x)
+        x = x.reshape(-1, x.shape[-1])
+        self.xtx += gram_fp32(x)
         self.tokens += x.shape[0]
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.xtx]
 
     @property
     def matrix(self) -> torch.Tensor:
-        return self.xtx * (2.0 / max(self.tokens, 1))
+        return (self.xtx * (2.0 / max(self.tokens, 1))).float()
+
+
+def gram_fp32(x: torch.Tensor) -> torch.Tensor:
+    """x^T x accumulated in fp32; half-precision inputs on a GPU use the tensor cores (exact products)."""
+    if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16):
+        try:
+            return torch.mm(x.T, x, out_dtype=torch.float32)
+        except (RuntimeError, TypeError, NotImplementedError):
+            pass
+    x = x.float()
+    return x.T @ x
 
 
 STATISTICS = {"norms": InputNorms, "hessian": Hessian}
