@@ -100,6 +100,6 @@ def test_statistics_hand_computed():
     norms.add(x[1:])  # accumulation over batches equals one pass
     assert torch.allclose(norms.mean_sq, torch.tensor([35 / 3, 56 / 3]))
     h = Hessian(2, torch.device("cpu"))
-    h.add(x.to(torch.bfloat16))  # any input dtype, fp32 accumulation
-    assert h.xtx.dtype == torch.float32
+    h.add(x.to(torch.bfloat16))  # any input dtype: fp32 per batch, summed over batches in fp64
+    assert h.xtx.dtype == torch.float64 and h.matrix.dtype == torch.float32
     assert torch.allclose(h.matrix, 2 * x.T @ x / 3)
