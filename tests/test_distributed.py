@@ -23,14 +23,18 @@ def _free_port() -> int:
 
 
 def _prune_all(world, tokens):
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the same GEMM blocking in every process
-    out = {}
-    for method, pattern in CASES:
-        model = tiny_model("llama", layers=2)
-        llmprune.prune(model, calib_tokens=tokens, method=method, pattern=pattern, device=CPU, batch_size=2,
-                       progress=False, world=world)
-        out[method] = linear_weights(model)
-    return out
+    try:
+        out = {}
+        for method, pattern in CASES:
+            model = tiny_model("llama", layers=2)
+            llmprune.prune(model, calib_tokens=tokens, method=method, pattern=pattern, device=CPU, batch_size=2,
+                           progress=False, world=world)
+            out[method] = linear_weights(model)
+        return out
+    finally:
+        torch.set_num_threads(threads)  # later tests in this process keep their BLAS rounding
 
 
 def _rank(rank, size, port, tokens, results):
