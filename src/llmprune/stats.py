@@ -16,23 +16,28 @@ class InputNorms:
     """Mean of x_j^2 over calibration tokens, per input feature (Wanda's statistic)."""
 
     def __init__(self, features: int, device: torch.device) -> None:
-        self.sum_sq = torch.zeros(features, dtype=torch.float64, device=device)
+        self.total = torch.zeros(features, dtype=torch.float64, device=device)  # running sum of x_j^2
         self.tokens = 0
         self.memo: dict = {}
 
     def add(self, x: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1])
         for part in x.split(4096):  # bounded fp32 temporaries
-            self.sum_sq += part.float().pow(2).sum(dim=0)
+            self.total += part.float().pow(2).sum(dim=0)
         self.tokens += x.shape[0]
 
     def tensors(self) -> list[torch.Tensor]:
         """The running sums; summing them over processes (with ``tokens``) combines shares of the data."""
-        return [self.sum_sq]
+        return [self.total]
+
+    @property
+    def sum_sq(self) -> torch.Tensor:
+        """Sum of x_j^2 over calibration tokens, fp32."""
+        return self.total.float()
 
     @property
     def mean_sq(self) -> torch.Tensor:
-        return (self.sum_sq / max(self.tokens, 1)).float()
+        return (self.total / max(self.tokens, 1)).float()
 
 
 class Hessian:
