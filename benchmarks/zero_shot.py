@@ -12,8 +12,10 @@ Output: JSON (written after every run, atomically) and a Markdown table on stdou
 from __future__ import annotations
 
 import argparse
+import json
 import platform
 import time
+from pathlib import Path
 
 import torch
 
@@ -73,6 +75,15 @@ def main() -> None:
         "versions": {**report.versions(), "lm_eval": harness_version()}, "task_versions": {}, "rows": [],
     }
 
+    done: set[tuple[str, str]] = set()
+    if Path(args.out).exists():  # a run cut short continues: rows of the same protocol are kept
+        earlier = json.loads(Path(args.out).read_text())
+        if _same_protocol(earlier, result):
+            result["rows"] = earlier["rows"]
+            result["task_versions"] = earlier.get("task_versions", {})
+            result["protocol"]["zero_shot"].update(earlier["protocol"]["zero_shot"])
+            done = {(r["method"], r["pattern"]) for r in result["rows"]}
+
     def evaluate(method: str, pattern: str, prune_s: float, sparsity: float) -> None:
         t0 = time.perf_counter()
         ppl = perplexity(model.to(device), wins, device, batch, desc=f"{method} {pattern}").perplexity
@@ -85,18 +96,31 @@ def main() -> None:
             "perplexity": ppl, "perplexity_s": ppl_s,
             "zero_shot": {t: {k: v[k] for k in ("acc", "acc_norm", "samples", "time_s")} for t, v in zs["tasks"].items()},
             "mean_acc": zs["mean"]["acc"], "mean_acc_norm_or_acc": zs["mean"]["acc_norm_or_acc"],
+            "threads": torch.get_num_threads(),
         })
         report.write_json(args.out, result)
         print(f"{method} {pattern}: ppl {ppl:.2f}, mean acc {zs['mean']['acc']:.4f}, "
               f"zero-shot {sum(v['time_s'] for v in zs['tasks'].values()):.0f}s, prune {prune_s:.1f}s", flush=True)
 
-    evaluate("dense", "-", 0.0, 0.0)
+    if ("dense", "-") not in done:
+        evaluate("dense", "-", 0.0, 0.0)
     for method, pattern in runs:
+        if (method, pattern) in done:
+            continue
         model, _, _ = loading.load_model(args.model, dtype)
         res = api.prune(model, tok, method=method, pattern=pattern, sparsity=args.sparsity, calib_tokens=tokens,
                         calibration=calib, device=device)
         evaluate(method, str(res.pattern), res.prune_s, res.sparsity_overall)
     print(table(result["rows"], tasks))
+
+
+def _same_protocol(earlier: dict, now: dict) -> bool:
+    """Same calibration, perplexity windows, tasks, limit and sparsity (the batch size is filled in later)."""
+    a, b = earlier.get("protocol", {}), now["protocol"]
+    zs_keys = ("tasks", "limit", "num_fewshot", "sparsity")
+    return (a.get("calibration") == b["calibration"] and a.get("perplexity") == b["perplexity"]
+            and all(a.get("zero_shot", {}).get(k) == b["zero_shot"][k] for k in zs_keys)
+            and earlier.get("model", {}).get("spec") == now["model"].get("spec"))
 
 
 if __name__ == "__main__":

@@ -32,17 +32,7 @@ def _sync():
 
 def timeit(fn, reps: int = 10, warmup: int = 2) -> float:
     """Median over 3 rounds of the seconds per call of ``reps`` back-to-back calls."""
-    for _ in range(warmup):
-        fn()
-    rounds = []
-    for _ in range(3):
-        _sync()
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            fn()
-        _sync()
-        rounds.append((time.perf_counter() - t0) / reps)
-    return sorted(rounds)[1]
+    return sparse24.timeit(fn, reps, warmup)
 
 
 graph_time = sparse24.graph_time

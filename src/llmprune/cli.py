@@ -269,7 +269,8 @@ def _prune(*, world, model, method, sparsity, pattern, layerwise, owl_m, owl_lam
             report_mod.write_json(report, payload)
         if placement is not None:
             placement.finish(lm, tok, payload)
-            streaming.move_into_place(placement.out, out)
+            export.move_into_place(placement.out, out)
+            integrity.fsync_path(out.parent)
         elif out is not None:
             lm.to("cpu")
             export.save_pruned(lm, tok, out, payload, overwrite, format=format, pattern=pattern_obj,

@@ -83,16 +83,21 @@ def save_pruned(model, tokenizer, out: str | os.PathLike, report: dict, overwrit
         write_json_atomic(tmp / REPORT_NAME, report)
         write_manifest(tmp)
         fsync_path(tmp)
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        move_into_place(tmp, out)
         fsync_path(out.parent)
     except OSError as exc:
         raise disk_error(exc, out, after_error) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def move_into_place(tmp: Path, out: Path) -> None:
+    """Rename a finished temporary folder to ``out``, replacing an old ``out`` only once the new one is there."""
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)

@@ -183,7 +183,7 @@ def restore(originals: dict) -> None:
         setattr(parent, name, lin)
 
 
-def _timeit(fn, reps: int, warmup: int = 1) -> float:
+def timeit(fn, reps: int, warmup: int = 1) -> float:
     """Seconds per call of back-to-back calls (host cost included), median of 3 rounds."""
     for _ in range(warmup):
         fn()
@@ -210,7 +210,7 @@ def graph_time(fn, reps: int = 10) -> float:
     with torch.cuda.graph(graph):
         for _ in range(reps):
             fn()
-    t = _timeit(graph.replay, reps=3) / reps
+    t = timeit(graph.replay, reps=3) / reps
     del graph
     return t
 
@@ -237,7 +237,7 @@ def plan_cores(cores: list[SparseCore], plan: Plan, buckets=BUCKETS, reps: int =
                 alg = int(Kernels.search(core.packed, x.t())) if t % PAD == 0 else 0
             except RuntimeError:
                 alg = 0
-            modes = {"eager": _timeit}
+            modes = {"eager": timeit}
             if x.is_cuda:
                 modes["graph"] = graph_time
             for mode, timer in modes.items():
