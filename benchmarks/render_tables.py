@@ -222,7 +222,9 @@ def zero_shot_table(path: Path) -> str:
     p = r["protocol"]
     zs, cal, ppl = p["zero_shot"], p["calibration"], p["perplexity"]
     tasks = zs["tasks"]
-    head = (f"{r['model']['spec']} on {r['device']} ({r['machine']['threads']} threads), {r['dtype']}; lm-eval "
+    counts = sorted({x.get("threads", r["machine"]["threads"]) for x in r["rows"]})
+    threads = f"{counts[0]} threads" if len(counts) == 1 else f"{'/'.join(map(str, counts))} threads: per row in the JSON"
+    head = (f"{r['model']['spec']} on {r['device']} ({threads}), {r['dtype']}; lm-eval "
             f"{r['versions']['lm_eval']}, {zs['num_fewshot']}-shot, **first {zs['limit']} examples of each task** "
             f"(`--limit {zs['limit']}`), accuracy (`acc`) in %; calibration {cal['nsamples']} x {cal['seqlen']} C4 "
             f"tokens, seed {cal['seed']}; WikiText-2 perplexity on the first {ppl['windows']} windows of "

@@ -79,7 +79,7 @@ def main() -> None:
     if Path(args.out).exists():  # a run cut short continues: rows of the same protocol are kept
         earlier = json.loads(Path(args.out).read_text())
         if _same_protocol(earlier, result):
-            result["rows"] = earlier["rows"]
+            result["rows"] = [{"threads": earlier["machine"]["threads"], **r} for r in earlier["rows"]]
             result["task_versions"] = earlier.get("task_versions", {})
             result["protocol"]["zero_shot"].update(earlier["protocol"]["zero_shot"])
             done = {(r["method"], r["pattern"]) for r in result["rows"]}
