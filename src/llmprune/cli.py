@@ -225,18 +225,22 @@ def _prune(*, world, model, method, sparsity, pattern, layerwise, owl_m, owl_lam
         else:
             calibration = None  # the report then describes the given token file
         calib_data_s = time.perf_counter() - t0
-        eval_s = 0.0
-        dense_ppl, dense_zs, pruned_zs = {}, None, None
-        if settings.sets:
+        t0 = time.perf_counter()
+        windows = api.eval_windows(lm, tok, settings, ddir) if settings.sets else None
+        eval_s = time.perf_counter() - t0
+
+        def evaluate(label: str):
+            """Perplexity sets and zero-shot tasks of the model as it is now; (ppl, zero-shot, seconds)."""
             t0 = time.perf_counter()
-            windows = api.eval_windows(lm, tok, settings, ddir)
-            dense_ppl = api.perplexities(lm, windows, settings, dev, progress, label="dense")
-            eval_s += time.perf_counter() - t0
-        if zs_settings is not None:
-            t0 = time.perf_counter()
-            lm.to(dev)
-            dense_zs = zeroshot.evaluate_zero_shot(lm, tok, zs_settings, ddir, progress, label="dense")
-            eval_s += time.perf_counter() - t0
+            ppl = api.perplexities(lm, windows, settings, dev, progress, label=label) if settings.sets else {}
+            zs = None
+            if zs_settings is not None:
+                lm.to(dev)
+                zs = zeroshot.evaluate_zero_shot(lm, tok, zs_settings, ddir, progress, label=label)
+            return ppl, zs, time.perf_counter() - t0
+
+        dense_ppl, dense_zs, seconds = evaluate("dense")
+        eval_s += seconds
         if settings.sets or zs_settings is not None:
             lm.to("cpu")
         # progress is checkpointed by one in-memory process; a streamed model is written block by block instead
@@ -247,16 +251,8 @@ def _prune(*, world, model, method, sparsity, pattern, layerwise, owl_m, owl_lam
                            checkpoint_dir=work, overwrite=overwrite)
         if not main:  # every rank holds the same pruned model; rank 0 evaluates, reports and saves it
             return
-        pruned_ppl = {}
-        if settings.sets:
-            t0 = time.perf_counter()
-            pruned_ppl = api.perplexities(lm, windows, settings, dev, progress, label="pruned")
-            eval_s += time.perf_counter() - t0
-        if zs_settings is not None:
-            t0 = time.perf_counter()
-            lm.to(dev)
-            pruned_zs = zeroshot.evaluate_zero_shot(lm, tok, zs_settings, ddir, progress, label="pruned")
-            eval_s += time.perf_counter() - t0
+        pruned_ppl, pruned_zs, seconds = evaluate("pruned")
+        eval_s += seconds
         payload = report_mod.build_report(
             model=info, result=result, device=dev, dtype=dt,
             times={"load_s": load_s, "calib_data_s": calib_data_s, "prune_s": result.prune_s, "eval_s": eval_s},
