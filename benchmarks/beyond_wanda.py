@@ -73,6 +73,9 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--data-dir", default=None)
+    ap.add_argument("--eval-batch", type=int, default=None,
+                    help="windows per forward in evaluation (default 4096 tokens' worth; lower it for large "
+                         "vocabularies, whose logits dominate memory)")
     ap.add_argument("--max-runs", type=int, default=None, help="stop after this many new rows")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
@@ -96,7 +99,7 @@ def main() -> None:
     bos = tok.bos_token_id if api.needs_bos(model) else None
     wins = windows_of(data.eval_tokens(tok, "wikitext2", args.eval_seqlen, ddir), args.eval_seqlen,
                       args.eval_windows, bos)
-    batch = max(1, 4096 // args.eval_seqlen)
+    batch = args.eval_batch or max(1, 4096 // args.eval_seqlen)
     if result is None:
         result = {"model": info, "device": str(device), "dtype": str(dtype).replace("torch.", ""),
                   "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads()},
