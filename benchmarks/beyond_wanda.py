@@ -126,7 +126,8 @@ def main() -> None:
         settings = {k: v for k, v in res.method_settings.items() if k not in ("block_sparsity", "outlier_ratios")}
         row = {"label": label, "method": res.method, "pattern": str(res.pattern), "cell": key[1],
                "perplexity": ppl, "prune_s": res.prune_s, "sparsity": res.sparsity_overall,
-               "eval_s": time.perf_counter() - t0, "options": options, "settings": settings}
+               "eval_s": time.perf_counter() - t0, "threads": torch.get_num_threads(), "options": options,
+               "settings": settings}
         if "block_sparsity" in res.method_settings:
             row["block_sparsity"] = res.method_settings["block_sparsity"]
             row["outlier_ratios"] = res.method_settings.get("outlier_ratios")

@@ -35,11 +35,13 @@ BEYOND_CELLS = ("50%", "60%", "70%", "4:8", "2:4")
 def beyond_table(path: Path) -> str:
     r = json.loads(path.read_text())
     cal, ev, hp = r["protocol"]["calibration"], r["protocol"]["eval"], r["protocol"]["hyper_parameters"]
-    head = (f"{r['model']['spec']} on {r['device']} ({r['machine']['threads']} threads, shared), {r['dtype']}; "
+    head = (f"{r['model']['spec']} on {r['device']}, {r['dtype']}; "
             f"calibration {cal['nsamples']} x {cal['seqlen']} C4 tokens, seed {cal['seed']}; WikiText-2 test, "
             f"{ev['seqlen']}-token windows, first {ev['windows']}. Fixed before the run: OWL M = {hp['owl_m']:g}, "
             f"lambda = {hp['owl_lambda']:g}; RIA a = {hp['ria_a']:g}; update dampening {hp['update_damp']:g}, "
-            f"{hp['update_iters']} CG steps. Cells: perplexity (prune time in s); - = not run.\n\n")
+            f"{hp['update_iters']} CG steps. Cells: perplexity (prune time in s); - = not run. "
+            f"Prune times come from a CPU shared with other jobs, rows run with 1 or 2 threads (recorded per row "
+            f"where known): they are not comparable across rows; the "Prune time (CPU)" table is.\n\n")
     lines = ["| method | " + " | ".join(f"{c} unstructured" if c.endswith("%") else c for c in BEYOND_CELLS) + " |",
              "|---|" + "---:|" * len(BEYOND_CELLS)]
     rows = r["rows"]
@@ -51,7 +53,22 @@ def beyond_table(path: Path) -> str:
         cells = {x["cell"]: x for x in rows if x["label"] == label}
         out = [f"{cells[c]['perplexity']:.2f} ({cells[c]['prune_s']:.0f})" if c in cells else "-" for c in BEYOND_CELLS]
         lines.append(f"| {label} | " + " | ".join(out) + " |")
-    return head + "\n".join(lines)
+    return head + "\n".join(lines) + beyond_targets(rows)
+
+
+def beyond_targets(rows: list[dict]) -> str:
+    """The two targets, read off the rows: the best 2:4 row against Wanda and SparseGPT, OWL's factor at 70%."""
+    ppl = {(x["label"], x["cell"]): x["perplexity"] for x in rows}
+    out = []
+    at24 = {label: p for (label, c), p in ppl.items() if c == "2:4"}
+    if at24 and ("wanda", "2:4") in ppl and ("sparsegpt", "2:4") in ppl:
+        best = min(at24, key=at24.get)
+        met = at24[best] < min(ppl["wanda", "2:4"], ppl["sparsegpt", "2:4"])
+        out.append(f"best at 2:4: {best} {at24[best]:.2f} vs wanda {ppl['wanda', '2:4']:.2f} and sparsegpt "
+                   f"{ppl['sparsegpt', '2:4']:.2f} ({'beats both' if met else 'does not beat both'})")
+    if ("wanda", "70%") in ppl and ("owl+wanda", "70%") in ppl:
+        out.append(f"at 70%: wanda / owl+wanda = {ppl['wanda', '70%'] / ppl['owl+wanda', '70%']:.2f}x")
+    return ("\n\n" + "; ".join(out) + ".") if out else ""
 
 
 def prune_time_table(path: Path) -> str:
