@@ -3,7 +3,11 @@
 Llama-2-7B shapes, random weights with 2:4 magnitude masks; per-Linear time over token counts,
 prefill (batch x 2048) and decode of the whole model, side by side in one run:
 
-    python benchmarks/sparse24.py --dtype bfloat16 --out benchmarks/results/sparse24_h200_bf16.json
+    python benchmarks/sparse24.py --dtype bfloat16 --out benchmarks/results/sparse24_h200_bf16_graphs.json
+    python benchmarks/sparse24.py --dtype float16 --out benchmarks/results/sparse24_h200_fp16_graphs.json
+
+Decode is timed twice: eager with transformers' dynamic cache, and as one CUDA-graph replay per step over a
+static cache (dense and llmprune both captured).
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=None, help="decoder layers (default: the model's)")
     p.add_argument("--tokens", default="1,16,256,2048,8192,16384")
     p.add_argument("--prefills", default="1x2048,8x2048")
-    p.add_argument("--decodes", default="1,32")
+    p.add_argument("--decodes", default="1,32,256")
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--no-linears", action="store_true")
     p.add_argument("--variants", default="dense,llmprune,stock")

@@ -16,12 +16,15 @@ class EmulatedKernels:
     """cuSPARSELt semantics on CPU: compress keeps the matrix, mm returns (A @ B)^T row-major."""
 
     calls = 0
+    algos = []
+    found = sparse24.Algo(3)
     compress = staticmethod(lambda w: w.clone())
-    search = staticmethod(lambda packed, b: 0)
+    search = staticmethod(lambda packed, b: EmulatedKernels.found)
 
     @staticmethod
-    def mm(packed, b, bias, alg):
+    def mm(packed, b, bias, algo):
         EmulatedKernels.calls += 1
+        EmulatedKernels.algos.append(algo)
         y = (packed.float() @ b.float()).t().contiguous().to(b.dtype)
         return y if bias is None else y + bias
 
@@ -31,6 +34,8 @@ def emulated(monkeypatch):
     for name in ("compress", "search", "mm"):
         monkeypatch.setattr(sparse24.Kernels, name, getattr(EmulatedKernels, name))
     EmulatedKernels.calls = 0
+    EmulatedKernels.algos = []
+    EmulatedKernels.found = sparse24.Algo(3)
     return EmulatedKernels
 
 
@@ -91,6 +96,116 @@ def test_plan_picks_per_bucket(emulated):
         assert emulated.calls == 16
 
 
+def test_choose_takes_the_fastest_configuration_only_past_the_margin():
+    a, b = sparse24.Algo(1), sparse24.Algo(2, split_k=4, split_k_mode=1)
+    assert sparse24.choose(1.0, {a: 0.9, b: 0.8}) == (sparse24.Choice(True, b), 0.8)
+    assert sparse24.choose(1.0, {a: 0.9, b: 0.97}) == (sparse24.Choice(True, a), 0.9)
+    assert sparse24.choose(1.0, {a: 0.96}) == (sparse24.Choice(False, a), 0.96)  # 4% faster: not enough
+
+
+def test_search_algos_times_split_k_beside_the_searched_algorithm(emulated):
+    core = sparse24.SparseCore(torch.tensor([[1.0, 0.0, 3.0, 0.0]] * 8), None, sparse24.Plan())
+    x = torch.randn(5, 4)
+    split = [sparse24.Algo(7, k) for k in sparse24.SPLIT_K]
+    emulated.found = sparse24.Algo(7, split_k=-1, split_k_mode=2)  # what mm_search returns on the H200
+    assert sparse24.search_algos(core, x) == [sparse24.Algo(7)] + split
+    emulated.found = 7  # torch's older search returns the algorithm id alone
+    assert sparse24.search_algos(core, x) == [sparse24.Algo(7)] + split
+    half = sparse24.SparseCore(torch.tensor([[1.0, 0.0, 3.0, 0.0]] * 8, dtype=torch.float16), None, sparse24.Plan())
+    assert sparse24.search_algos(half, x.half()) == [sparse24.Algo(0)] + [sparse24.Algo(0, k) for k in sparse24.SPLIT_K]
+
+    def fails(packed, b):
+        raise RuntimeError("CUSPARSE_STATUS_INTERNAL_ERROR")
+
+    sparse24.Kernels.search = staticmethod(fails)
+    assert sparse24.search_algos(core, x)[0] == sparse24.Algo()
+
+
+def test_plan_keeps_the_fastest_configuration_and_calls_it(emulated, monkeypatch):
+    emulated.found = sparse24.Algo(5)
+    fake = {sparse24.Algo(5): 3.0, sparse24.Algo(5, 2): 1.0, sparse24.Algo(5, 4): 2.0}  # split-k 2 fastest
+    current = {}
+
+    def sparse_mm(self, x2, algo=sparse24.Algo()):
+        current["algo"] = algo
+        return sparse24.Kernels.mm(self.packed, x2.t(), self.bias, algo)
+
+    def timer(fn, reps):
+        current.clear()
+        fn()
+        return fake.get(current.get("algo"), 10.0)  # dense: 10 s
+
+    monkeypatch.setattr(sparse24.SparseCore, "sparse_mm", sparse_mm)
+    monkeypatch.setattr(sparse24, "timeit", timer)
+    model = pruned_24()
+    _, plan = sparse24.sparsify(model, buckets=(32,), reps=1)
+    for t in plan.timings:
+        assert [(c["alg"], c["split_k"], c["ms"]) for c in t["candidates"]] == [(5, 1, 3e3), (5, 2, 1e3), (5, 4, 2e3)]
+        assert (t["chosen"], t["split_k"], t["sparse_ms"], t["dense_ms"]) == ("sparse", 2, 1e3, 1e4)
+    emulated.algos = []
+    with torch.no_grad():
+        model(input_ids=random_tokens(1, 20))
+    assert emulated.algos == [sparse24.Algo(5, 2)] * 8
+
+
+def test_capturing_uses_graph_choices_and_restores_the_mode(emulated):
+    model = pruned_24()
+    _, plan = sparse24.sparsify(model, buckets=(32,), reps=1)
+    for (m, k, b) in list(plan.choices):
+        plan.choices[(m, k, b)] = sparse24.Choice(sparse=False)
+        plan.choices[("graph", k, b)] = sparse24.Choice(sparse=True)
+    ids = random_tokens(1, 20)
+    emulated.calls = 0
+    with torch.no_grad():
+        model(input_ids=ids)
+        assert emulated.calls == 0  # eager: dense everywhere
+        with plan.capturing():
+            assert plan.mode == "graph"
+            model(input_ids=ids)
+        assert emulated.calls == 8 and plan.mode == "eager"
+        with pytest.raises(ValueError), plan.capturing():
+            raise ValueError
+        assert plan.mode == "eager"
+
+
+def greedy_dynamic(model, ids, steps):
+    kw = sparse24.cache_kwarg(model)
+    out = model(input_ids=ids, use_cache=True)
+    cache, tok = getattr(out, kw), out.logits[:, -1:].argmax(-1)
+    toks = [tok]
+    for _ in range(steps):
+        out = model(input_ids=tok, use_cache=True, **{kw: cache})
+        tok = out.logits[:, -1:].argmax(-1)
+        toks.append(tok)
+    return torch.cat(toks, 1), out.logits[:, -1]
+
+
+def test_static_decoder_matches_dynamic_cache_decode(emulated):
+    model = pruned_24()
+    ids = random_tokens(2, 12)
+    with torch.no_grad():
+        ref, ref_logits = greedy_dynamic(model, ids, 6)
+        dec = sparse24.StaticDecoder(model, ids, max_len=24, graph=False)
+        assert torch.equal(dec.generate(6), ref)
+        torch.testing.assert_close(dec.logits, ref_logits)
+        _, plan = sparse24.sparsify(model, buckets=(8,), reps=1)
+        plan.force = True  # the emulated sparse kernel in every Linear, fused q/k/v and gate/up
+        emulated.calls = 0
+        dec = sparse24.StaticDecoder(model, ids, max_len=24, plan=plan, graph=False)
+        assert torch.equal(dec.generate(6), ref)
+        assert emulated.calls == 8 * 7  # prefill + 6 steps, 8 cores each
+
+
+def test_static_decoder_refuses_a_cache_too_small(emulated):
+    model = pruned_24()
+    with pytest.raises(UsageError, match="max_len"):
+        sparse24.StaticDecoder(model, random_tokens(1, 10), max_len=10, graph=False)
+    dec = sparse24.StaticDecoder(model, random_tokens(1, 10), max_len=12, graph=False)
+    dec.step(), dec.step()
+    with pytest.raises(UsageError, match="full"):
+        dec.step()
+
+
 def test_refuses_model_without_2to4_layers(emulated):
     with pytest.raises(UsageError, match="no 2:4 Linear"):
         sparse24.sparsify(tiny_model("llama"))
@@ -132,12 +247,13 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GP
 
 @pytest.mark.gpu
 @cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("tokens", [1, 5, 64, 300])
-def test_gpu_core_matches_dense(tokens):
-    w = bench.mask_24(torch.randn(256, 512, dtype=torch.bfloat16, device="cuda"))
-    b = torch.randn(256, dtype=torch.bfloat16, device="cuda")
+def test_gpu_core_matches_dense(tokens, dtype):
+    w = bench.mask_24(torch.randn(256, 512, dtype=dtype, device="cuda"))
+    b = torch.randn(256, dtype=dtype, device="cuda")
     core = sparse24.SparseCore(w, b, sparse24.Plan(force=True))
-    x = torch.randn(2, tokens, 512, dtype=torch.bfloat16, device="cuda")
+    x = torch.randn(2, tokens, 512, dtype=dtype, device="cuda")
     y = core(x)
     assert y.shape == (2, tokens, 256) and y.is_contiguous()
     torch.testing.assert_close(y, F.linear(x, w, b), rtol=2e-2, atol=2e-1)
@@ -156,3 +272,48 @@ def test_gpu_model_matches_dense():
         out = model(input_ids=ids).logits.float()
     assert cfg.vocab_size == out.shape[-1]
     torch.testing.assert_close(out, ref, rtol=5e-2, atol=5e-2)
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("tokens", [16, 2048])
+def test_gpu_searched_configurations_match_dense(tokens, dtype):
+    w = bench.mask_24(torch.randn(4096, 4096, dtype=dtype, device="cuda"))
+    core = sparse24.SparseCore(w, None, sparse24.Plan())
+    x = torch.randn(tokens, 4096, dtype=dtype, device="cuda")
+    ref = F.linear(x.float(), w.float())
+    for algo in sparse24.search_algos(core, x):
+        y = core.sparse_mm(x, algo).float()
+        assert float((y - ref).abs().max() / ref.abs().max()) < 1e-2, algo
+
+
+@pytest.mark.gpu
+@cuda
+def test_gpu_graph_decode_of_dense_model_matches_dynamic_cache():
+    model = pruned_24().to("cuda")
+    model.set_attn_implementation("sdpa")  # "eager" attention copies a host scalar into its mask: no capture  # float32: the same greedy tokens expected
+    ids = random_tokens(2, 16).cuda()
+    with torch.no_grad():
+        ref, _ = greedy_dynamic(model, ids, 10)
+        out = sparse24.StaticDecoder(model, ids, max_len=40).generate(8)
+    assert out.shape == ref.shape and torch.equal(out, ref)
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("force", [False, True])
+def test_gpu_graph_decode_matches_eager_and_keeps_its_captured_dispatch(force):
+    model = pruned_24().to("cuda", torch.bfloat16)
+    model.set_attn_implementation("sdpa")
+    ids = random_tokens(2, 16).cuda()
+    with torch.no_grad():
+        _, plan = sparse24.sparsify(model, buckets=(8, 32), reps=1)
+        plan.force = force
+        eager = sparse24.StaticDecoder(model, ids, max_len=40, plan=plan, graph=False)
+        eager_tokens = eager.generate(10)
+        graph = sparse24.StaticDecoder(model, ids, max_len=40, plan=plan, graph=True)
+        plan.force = not force  # a replay runs what was chosen at capture: the plan is not consulted again
+        graph_tokens = graph.generate(8)
+    assert torch.equal(graph_tokens, eager_tokens)
+    torch.testing.assert_close(graph.logits, eager.logits, rtol=0, atol=0)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -97,15 +98,18 @@ def bench_linears(shapes: dict, tokens, dtype, device, reps: int = 10) -> list[d
             row = {"linear": name, "out": out_f, "in": in_f, "tokens": t}
             fns = {"dense": lambda: F.linear(x, w)}
             if core is not None and cuda:
-                alg, e = _attempt(lambda: int(sparse24.Kernels.search(core.packed, F.pad(x, (0, 0, 0, (-t) % 8)).t())))
-                alg = alg or 0
-                row["alg"] = alg
-                fns["llmprune"] = lambda: core.sparse_mm(x, alg)
-                y, e = _attempt(lambda: core.sparse_mm(x, alg))
+                algos = sparse24.search_algos(core, x)
+                row["alg"] = algos[0].alg
+                fns["llmprune"] = lambda: core.sparse_mm(x, algos[0])
+                for a in algos[1:]:  # the same algorithm with split-k, timed beside it
+                    fns[f"llmprune_splitk{a.split_k}"] = lambda a=a: core.sparse_mm(x, a)
+                y, e = _attempt(lambda: core.sparse_mm(x, algos[0]))
                 if y is not None:
                     ref = F.linear(x, w)
                     row["llmprune_max_rel_err"] = float((y.float() - ref.float()).abs().max() / ref.float().abs().max())
                     row["llmprune_contiguous"] = bool(y.is_contiguous())
+                elif e:
+                    row["llmprune_error"] = e
             else:
                 row["llmprune_error"] = err or "needs CUDA"
             if stock is not None:
@@ -168,22 +172,47 @@ def prefill_fn(model, batch: int, seqlen: int, vocab: int, device):
 
 @torch.no_grad()
 def decode_time(model, batch: int, prompt: int, steps: int, vocab: int, device) -> float:
-    """Seconds per decode step (batch tokens each) after a ``prompt``-token prefill, HF dynamic cache."""
+    """Seconds per decode step (batch tokens each) after a ``prompt``-token prefill, HF dynamic cache, eager."""
     ids = torch.randint(0, vocab, (batch, prompt), device=device, generator=torch.Generator(device).manual_seed(2))
+    kw = sparse24.cache_kwarg(model)
 
     def run(n):
         out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
-        cache, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        cache, tok = getattr(out, kw), out.logits[:, -1:].argmax(-1)
         _sync()
         t0 = time.perf_counter()
         for _ in range(n):
-            out = model(input_ids=tok, past_key_values=cache, use_cache=True)
+            out = model(input_ids=tok, use_cache=True, **{kw: cache})
             tok = out.logits[:, -1:].argmax(-1)
         _sync()
         return (time.perf_counter() - t0) / n
 
     run(2)
     return sorted(run(steps) for _ in range(3))[1]
+
+
+@torch.no_grad()
+def graph_decode_time(model, batch: int, prompt: int, steps: int, vocab: int, device,
+                      plan: sparse24.Plan | None = None) -> float:
+    """Seconds per decode step, static cache, each step one CUDA-graph replay (median of 3 rounds of ``steps``)."""
+    ids = torch.randint(0, vocab, (batch, prompt), device=device, generator=torch.Generator(device).manual_seed(2))
+    dec = sparse24.StaticDecoder(model, ids, max_len=prompt + 8 + 4 * steps, plan=plan)
+    try:
+        for _ in range(2):
+            dec.step()
+        rounds = []
+        for _ in range(3):
+            _sync()
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                dec.step()
+            _sync()
+            rounds.append((time.perf_counter() - t0) / steps)
+        return sorted(rounds)[1]
+    finally:
+        dec.close()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
 
 
 @torch.no_grad()
@@ -196,16 +225,16 @@ def bench_model(model, prefills, decodes, device, reps: int = 3, prompt: int = 1
         row = {"kind": "prefill", "batch": b, "seqlen": s}
         row["eager_ms"], row["eager_error"] = _attempt(lambda: 1e3 * timeit(fn, reps, warmup=1))
         if device.type == "cuda":
-            if plan is not None:
-                plan.mode = "graph"  # the choices timed as GPU time, since the graph removes host cost
-            row["graph_ms"], row["graph_error"] = _attempt(lambda: 1e3 * graph_time(fn, reps))
-            if plan is not None:
-                plan.mode = "eager"
+            with plan.capturing() if plan is not None else nullcontext():  # the choices timed as GPU time
+                row["graph_ms"], row["graph_error"] = _attempt(lambda: 1e3 * graph_time(fn, reps))
         rows.append({k: v for k, v in row.items() if v is not None})
         print(json.dumps(rows[-1]), flush=True)
     for b in decodes:
         row = {"kind": "decode", "batch": b, "prompt": prompt, "steps": steps}
         row["eager_ms"], row["eager_error"] = _attempt(lambda: 1e3 * decode_time(model, b, prompt, steps, vocab, device))
+        if device.type == "cuda":
+            row["graph_ms"], row["graph_error"] = _attempt(
+                lambda: 1e3 * graph_decode_time(model, b, prompt, steps, vocab, device, plan))
         rows.append({k: v for k, v in row.items() if v is not None})
         print(json.dumps(rows[-1]), flush=True)
     return rows
@@ -220,8 +249,22 @@ def logits_check(model, ref: torch.Tensor, ids: torch.Tensor) -> dict:
 
 
 @torch.no_grad()
+def decode_check(model, ids: torch.Tensor, plan, dense_tokens: torch.Tensor | None, steps: int = 16) -> dict:
+    """Greedy tokens of the CUDA-graph decode against the same static-cache step run eagerly, and against the
+    dense model's graph decode (``dense_tokens``)."""
+    max_len = ids.shape[1] + steps + 8
+    graph = sparse24.StaticDecoder(model, ids, max_len, plan=plan, graph=True).generate(steps)
+    eager = sparse24.StaticDecoder(model, ids, max_len, plan=plan, graph=False).generate(steps + 2)
+    out = {"steps": graph.shape[1], "graph_equals_eager_static": bool(torch.equal(graph, eager)),
+           "tokens_tensor": graph}
+    if dense_tokens is not None:
+        out["agreement_with_dense"] = float((graph == dense_tokens).float().mean())
+    return out
+
+
+@torch.no_grad()
 def run(model_spec: str = "llama-2-7b", dtype=torch.bfloat16, device=None, layers: int | None = None,
-        tokens=(1, 16, 256, 2048, 8192, 16384), prefills=((1, 2048), (8, 2048)), decodes=(1, 32), reps: int = 10,
+        tokens=(1, 16, 256, 2048, 8192, 16384), prefills=((1, 2048), (8, 2048)), decodes=(1, 32, 256), reps: int = 10,
         model_reps: int = 3, variants=("dense", "llmprune", "stock"), linears: bool = True, save=None) -> dict:
     """The whole comparison; returns a JSON-ready dict (also handed to ``save`` after each part)."""
     from .report import versions
@@ -243,6 +286,7 @@ def run(model_spec: str = "llama-2-7b", dtype=torch.bfloat16, device=None, layer
     ids = torch.randint(0, cfg.vocab_size, (2, 64), device=device, generator=torch.Generator(device).manual_seed(3))
     ref = model(input_ids=ids, use_cache=False).logits.float()
     result["model_runs"] = {}
+    dense_tokens = None
     for variant in variants:
         print(f"== {variant}", flush=True)
         entry = {}
@@ -271,6 +315,14 @@ def run(model_spec: str = "llama-2-7b", dtype=torch.bfloat16, device=None, layer
         entry["check"], err = _attempt(lambda: logits_check(model, ref, ids))
         if err:
             entry["check_error"] = err
+        if device.type == "cuda":
+            entry["decode_check"], err = _attempt(lambda: decode_check(model, ids[:, :32], plan, dense_tokens))
+            if err:
+                entry["decode_check_error"] = err
+            elif variant == "dense":
+                dense_tokens = entry["decode_check"].pop("tokens_tensor")
+            else:
+                entry["decode_check"].pop("tokens_tensor")
         entry["rows"] = bench_model(model, prefills, decodes, device, model_reps,
                                     plan=plan if variant == "llmprune" else None)
         result["model_runs"][variant] = entry

@@ -405,11 +405,11 @@ def compare(
 def bench_cmd(
     model: str = typer.Option("llama-2-7b", "--model", help="llama-2-7b (its shapes, random weights with 2:4 masks), a config .json, or a folder saved with --pattern 2:4."),
     pattern: str = typer.Option("2:4", "--pattern", help="Only 2:4 has GPU kernels (cuSPARSELt)."),
-    dtype: str = typer.Option("bfloat16", "--dtype", help="bfloat16 (the measured and tested dtype) | float32 (CPU check of the dense rows)."),
+    dtype: str = typer.Option("bfloat16", "--dtype", help="bfloat16 | float16 (cuSPARSELt algorithm 0: its search fails in float16) | float32 (CPU check of the dense rows)."),
     layers: Optional[int] = typer.Option(None, "--layers", help="Keep only the first K decoder layers."),
     tokens: str = typer.Option("1,16,256,2048,8192,16384", "--tokens", help="Token counts of the per-Linear timings."),
     prefills: str = typer.Option("1x2048,8x2048", "--prefills", help="Prefill shapes, batch x tokens ('' for none)."),
-    decodes: str = typer.Option("1,32", "--decodes", help="Decode batch sizes ('' for none)."),
+    decodes: str = typer.Option("1,32,256", "--decodes", help="Decode batch sizes ('' for none): eager with a dynamic cache, and on CUDA as CUDA-graph steps over a static cache."),
     linears: bool = typer.Option(True, "--linears/--no-linears", help="Time each Linear shape alone too."),
     device: str = DeviceOpt,
     out: Optional[Path] = typer.Option(None, "--out", help="Write the results (JSON) here."),
@@ -421,8 +421,8 @@ def bench_cmd(
 
         if parse_pattern(pattern) != NM(2, 4):
             raise UsageError(f"--pattern {pattern}: only 2:4 has sparse GPU kernels; use --pattern 2:4")
-        if dtype not in ("bfloat16", "float32"):
-            raise UsageError(f"--dtype {dtype}: use bfloat16 (float16 fails cuSPARSELt's algorithm search here) or float32")
+        if dtype not in ("bfloat16", "float16", "float32"):
+            raise UsageError(f"--dtype {dtype}: use bfloat16, float16 or float32")
         try:
             counts = [int(t) for t in tokens.split(",") if t.strip()]
             shapes = [tuple(int(v) for v in p.split("x")) for p in prefills.split(",") if p.strip()]

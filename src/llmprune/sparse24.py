@@ -11,7 +11,9 @@ product come out as y = x W^T, row-major [tokens, out]: no copy before or after 
 
 from __future__ import annotations
 
+import inspect
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -23,16 +25,42 @@ from .errors import UsageError
 BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)  # token counts timed at swap time
 MARGIN = 0.95  # sparse must be at least 5% faster to be chosen: ties go to dense
 PAD = 8  # cuSPARSELt's dense operand needs a multiple of 8 columns in bf16/fp16
+SPLIT_K = (2, 4)  # split-k factors timed beside each searched algorithm
 GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))  # Linears that share their input
+
+
+@dataclass(frozen=True)
+class Algo:
+    """A cuSPARSELt configuration: algorithm id, split-k factor and split-k mode (-1: the library's default)."""
+
+    alg: int = 0
+    split_k: int = 1
+    split_k_mode: int = -1
+
+
+def _search(packed: torch.Tensor, b: torch.Tensor) -> Algo:
+    """cuSPARSELt's own search: ``torch._C._cusparselt.mm_search`` (alg, split_k, split_k_mode) where torch has
+    it, else the older ``torch._cslt_sparse_mm_search`` (alg id only)."""
+    cslt = getattr(torch._C, "_cusparselt", None)
+    if cslt is not None and hasattr(cslt, "mm_search"):
+        alg, split_k, mode, _ = cslt.mm_search(packed, b, None, None, None, True)
+        return Algo(int(alg), int(split_k), int(mode))
+    return Algo(int(torch._cslt_sparse_mm_search(packed, b, transpose_result=True)))
+
+
+def _mm(packed: torch.Tensor, b: torch.Tensor, bias, algo: Algo) -> torch.Tensor:
+    if algo.split_k == 1:
+        return torch._cslt_sparse_mm(packed, b, bias, transpose_result=True, alg_id=algo.alg)
+    return torch._cslt_sparse_mm(packed, b, bias, transpose_result=True, alg_id=algo.alg, split_k=algo.split_k,
+                                 split_k_mode=algo.split_k_mode)
 
 
 class Kernels:
     """The three cuSPARSELt entry points; replaced by an emulation in CPU tests."""
 
     compress = staticmethod(lambda w: torch._cslt_compress(w))
-    search = staticmethod(lambda packed, b: torch._cslt_sparse_mm_search(packed, b, transpose_result=True))
-    mm = staticmethod(lambda packed, b, bias, alg: torch._cslt_sparse_mm(packed, b, bias, transpose_result=True,
-                                                                          alg_id=alg))
+    search = staticmethod(_search)
+    mm = staticmethod(_mm)
 
 
 def is_2to4(weight: torch.Tensor) -> bool:
@@ -53,7 +81,7 @@ def bucket_of(tokens: int) -> int:
 @dataclass
 class Choice:
     sparse: bool = False
-    alg: int = 0
+    algo: Algo = Algo()
 
 
 @dataclass
@@ -68,7 +96,19 @@ class Plan:
     def get(self, key, tokens: int) -> Choice:
         b = bucket_of(tokens)
         choice = self.choices.get((self.mode, key, b)) or self.choices.get(("eager", key, b), Choice())
-        return choice if self.force is None else Choice(self.force, choice.alg)
+        return choice if self.force is None else Choice(self.force, choice.algo)
+
+    @contextmanager
+    def capturing(self):
+        """While a CUDA graph is captured: each Linear takes the choice timed as GPU time alone ("graph").
+
+        The choice is made in Python during capture, so a replay runs only the kernels chosen then.
+        """
+        before, self.mode = self.mode, "graph"
+        try:
+            yield self
+        finally:
+            self.mode = before
 
 
 class SparseCore(nn.Module):
@@ -76,9 +116,6 @@ class SparseCore(nn.Module):
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, plan: Plan):
         super().__init__()
-        if weight.is_cuda and weight.dtype == torch.float16:
-            raise UsageError("the 2:4 GPU path runs in bfloat16 only: in float16 cuSPARSELt's algorithm search failed "
-                             "with an internal error on the H200 (torch 2.11); load the model with --dtype bfloat16")
         if not is_2to4(weight):
             raise UsageError(f"a {tuple(weight.shape)} weight is not 2:4 sparse; prune it with --pattern 2:4 first")
         self.register_buffer("dense", weight, persistent=False)
@@ -87,12 +124,12 @@ class SparseCore(nn.Module):
         self.plan = plan
         self.key = (weight.shape[0], weight.shape[1], str(weight.dtype))
 
-    def sparse_mm(self, x2: torch.Tensor, alg: int) -> torch.Tensor:
+    def sparse_mm(self, x2: torch.Tensor, algo: Algo = Algo()) -> torch.Tensor:
         t = x2.shape[0]
         pad = (-t) % PAD
         if pad:
             x2 = F.pad(x2, (0, 0, 0, pad))
-        y = Kernels.mm(self.packed, x2.t(), self.bias, alg)
+        y = Kernels.mm(self.packed, x2.t(), self.bias, algo)
         return y[:t] if pad else y
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -100,7 +137,7 @@ class SparseCore(nn.Module):
         choice = self.plan.get(self.key, x2.shape[0])
         if not choice.sparse:
             return F.linear(x, self.dense, self.bias)
-        return self.sparse_mm(x2, choice.alg).view(*x.shape[:-1], self.dense.shape[0])
+        return self.sparse_mm(x2, choice.algo).view(*x.shape[:-1], self.dense.shape[0])
 
 
 class _Fused:
@@ -220,12 +257,37 @@ def _sync():
         torch.cuda.synchronize()
 
 
+def search_algos(core: "SparseCore", x: torch.Tensor) -> list[Algo]:
+    """The configurations worth timing for input ``x``: cuSPARSELt's pick (no split-k), then the same
+    algorithm with each factor in ``SPLIT_K``. The plan times them all and keeps the fastest.
+
+    In float16 the search is not called: on the H200 (torch 2.11, cuSPARSELt 0.8) it fails with an internal
+    error whenever the result is transposed (our layout), while algorithm 0 runs correctly, so float16 uses 0.
+    """
+    found = Algo()
+    if core.dense.dtype != torch.float16:
+        xp = F.pad(x, (0, 0, 0, (-x.shape[0]) % PAD))
+        try:
+            found = Kernels.search(core.packed, xp.t())
+        except RuntimeError:
+            pass
+        found = Algo(found.alg if isinstance(found, Algo) else int(found))  # its split-k: -1 (none) on the H200
+    return [found] + [Algo(found.alg, k) for k in SPLIT_K]
+
+
+def choose(dense_s: float, sparse_s: dict) -> tuple[Choice, float]:
+    """The fastest sparse configuration, used only if it beats dense by the margin; returns (choice, its time)."""
+    algo = min(sparse_s, key=sparse_s.get)
+    return Choice(sparse_s[algo] < MARGIN * dense_s, algo), sparse_s[algo]
+
+
 @torch.no_grad()
 def plan_cores(cores: list[SparseCore], plan: Plan, buckets=BUCKETS, reps: int = 10) -> Plan:
-    """Time dense vs sparse (best algorithm) once per distinct weight shape and token bucket.
+    """Time dense vs sparse (cuSPARSELt's best configuration) once per distinct weight shape and token bucket.
 
     Two timings: back-to-back calls ("eager": cuSPARSELt's per-call host cost, ~0.5 ms in torch 2.11,
     counts) and CUDA-graph replay ("graph": GPU time alone, used while a graph is being captured).
+    Each searched algorithm is timed as is and with split-k (``SPLIT_K``); the fastest is kept.
     """
     seen = {}
     for core in cores:
@@ -233,21 +295,27 @@ def plan_cores(cores: list[SparseCore], plan: Plan, buckets=BUCKETS, reps: int =
     for key, core in seen.items():
         for t in buckets:
             x = torch.randn(t, core.dense.shape[1], dtype=core.dense.dtype, device=core.dense.device)
-            try:
-                alg = int(Kernels.search(core.packed, x.t())) if t % PAD == 0 else 0
-            except RuntimeError:
-                alg = 0
+            algos = search_algos(core, x)
             modes = {"eager": timeit}
             if x.is_cuda:
                 modes["graph"] = graph_time
             for mode, timer in modes.items():
                 dense_s = timer(lambda: F.linear(x, core.dense, core.bias), reps)
-                sparse_s = timer(lambda: core.sparse_mm(x, alg), reps)
-                use = sparse_s < MARGIN * dense_s
-                plan.choices[(mode, key, t)] = Choice(use, alg)
-                plan.timings.append({"mode": mode, "shape": list(key[:2]), "dtype": key[2], "tokens": t, "alg": alg,
-                                     "dense_ms": dense_s * 1e3, "sparse_ms": sparse_s * 1e3,
-                                     "chosen": "sparse" if use else "dense"})
+                sparse_s = {}
+                for a in algos:
+                    try:
+                        sparse_s[a] = timer(lambda: core.sparse_mm(x, a), reps)
+                    except RuntimeError:  # a configuration cuSPARSELt refuses for this shape: not a candidate
+                        if a == algos[0]:
+                            raise
+                choice, best = choose(dense_s, sparse_s)
+                plan.choices[(mode, key, t)] = choice
+                plan.timings.append({"mode": mode, "shape": list(key[:2]), "dtype": key[2], "tokens": t,
+                                     "alg": choice.algo.alg, "split_k": choice.algo.split_k,
+                                     "split_k_mode": choice.algo.split_k_mode, "dense_ms": dense_s * 1e3,
+                                     "sparse_ms": best * 1e3,
+                                     "candidates": [{**vars(a), "ms": v * 1e3} for a, v in sparse_s.items()],
+                                     "chosen": "sparse" if choice.sparse else "dense"})
     return plan
 
 
@@ -271,3 +339,84 @@ def sparsify(model: nn.Module, fuse: bool = True, buckets=BUCKETS, reps: int = 1
         raise UsageError("no 2:4 Linear found in the decoder blocks; prune with --pattern 2:4 first")
     plan_cores(cores_of(model), plan, buckets, reps)
     return originals, plan
+
+
+# ---------------------------------------------------------------- decoding under a CUDA graph
+
+
+def cache_kwarg(model: nn.Module) -> str:
+    """The name a transformers model takes its KV cache under: ``cache`` (>= 5.2x) or ``past_key_values``."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+class StaticDecoder:
+    """Greedy decoding over a transformers ``StaticCache``; on CUDA one decode step is a captured CUDA graph.
+
+    The prompt fills the cache eagerly. A step is: forward of the last token, argmax written into a fixed
+    token buffer. transformers' static cache keeps its fill level as a GPU tensor that the step itself
+    advances, so one replay is one whole decode step with no Python in between. With a sparse ``plan``
+    each Linear's dense/sparse choice is made during capture (``Plan.capturing``: GPU-time choices) and
+    costs nothing at replay. ``graph=False`` runs the same step eagerly (CPU, or a reference on CUDA).
+    """
+
+    def __init__(self, model: nn.Module, prompt_ids: torch.Tensor, max_len: int, plan: Plan | None = None,
+                 graph: bool | None = None, warmup: int = 2):
+        from transformers import StaticCache
+
+        graph = prompt_ids.is_cuda if graph is None else graph
+        if prompt_ids.shape[1] + (warmup if graph else 0) >= max_len:
+            raise UsageError(f"a static cache of {max_len} positions cannot hold a {prompt_ids.shape[1]}-token "
+                             f"prompt, {warmup if graph else 0} warm-up steps and one more; give a larger max_len")
+        self.model, self.kw, self.max_len, self.plan = model, cache_kwarg(model), max_len, plan
+        self.cache = StaticCache(config=model.config, max_cache_len=max_len)
+        with torch.no_grad():
+            out = model(input_ids=prompt_ids, use_cache=True, logits_to_keep=1, **{self.kw: self.cache})
+        self.tok = out.logits[:, -1:].argmax(-1)
+        self.logits = out.logits[:, -1]
+        self.pos = prompt_ids.shape[1]
+        self.history = [self.tok.clone()]
+        self.graph = None
+        if graph:
+            self._capture(warmup)
+
+    @torch.no_grad()
+    def _step(self) -> None:
+        out = self.model(input_ids=self.tok, use_cache=True, logits_to_keep=1, **{self.kw: self.cache})
+        self.logits = out.logits[:, -1]
+        self.tok.copy_(self.logits.argmax(-1, keepdim=True))
+
+    def _capture(self, warmup: int) -> None:
+        plan = self.plan or Plan()
+        with plan.capturing():
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(warmup):  # real decode steps: they fill the cache too
+                    self._step()
+                    self.history.append(self.tok.clone())
+            torch.cuda.current_stream().wait_stream(stream)
+            self.pos += warmup
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self._step()
+        self.graph = graph
+
+    def step(self) -> torch.Tensor:
+        """One decode step; returns the live token buffer [batch, 1] (overwritten by the next step)."""
+        if self.pos >= self.max_len:
+            raise UsageError(f"the static cache is full ({self.max_len} positions); build the decoder with a larger max_len")
+        if self.graph is not None:
+            self.graph.replay()
+        else:
+            self._step()
+        self.pos += 1
+        return self.tok
+
+    def generate(self, steps: int) -> torch.Tensor:
+        """``steps`` more tokens; returns every token produced so far (prompt's next token first) [batch, n]."""
+        for _ in range(steps):
+            self.history.append(self.step().clone())
+        return torch.cat(self.history, dim=1)
+
+    def close(self) -> None:
+        self.graph = self.cache = self.tok = self.logits = None
