@@ -4,7 +4,6 @@ Llama-2-7B shapes, random weights with 2:4 magnitude masks; per-Linear time over
 prefill (batch x 2048) and decode of the whole model, side by side in one run:
 
     python benchmarks/sparse24.py --dtype bfloat16 --out benchmarks/results/sparse24_h200_bf16_graphs.json
-    python benchmarks/sparse24.py --dtype float16 --out benchmarks/results/sparse24_h200_fp16_graphs.json
 
 Decode is timed twice: eager with transformers' dynamic cache, and as one CUDA-graph replay per step over a
 static cache (dense and llmprune both captured).

@@ -101,8 +101,6 @@ def bench_linears(shapes: dict, tokens, dtype, device, reps: int = 10) -> list[d
                 algos = sparse24.search_algos(core, x)
                 row["alg"] = algos[0].alg
                 fns["llmprune"] = lambda: core.sparse_mm(x, algos[0])
-                for a in algos[1:]:  # the same algorithm with split-k, timed beside it
-                    fns[f"llmprune_splitk{a.split_k}"] = lambda a=a: core.sparse_mm(x, a)
                 y, e = _attempt(lambda: core.sparse_mm(x, algos[0]))
                 if y is not None:
                     ref = F.linear(x, w)

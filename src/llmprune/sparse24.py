@@ -25,7 +25,6 @@ from .errors import UsageError
 BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)  # token counts timed at swap time
 MARGIN = 0.95  # sparse must be at least 5% faster to be chosen: ties go to dense
 PAD = 8  # cuSPARSELt's dense operand needs a multiple of 8 columns in bf16/fp16
-SPLIT_K = (2, 4)  # split-k factors timed beside each searched algorithm
 GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))  # Linears that share their input
 
 
@@ -116,6 +115,10 @@ class SparseCore(nn.Module):
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, plan: Plan):
         super().__init__()
+        if weight.is_cuda and weight.dtype == torch.float16:
+            raise UsageError("the 2:4 GPU path runs in bfloat16 only: in float16 cuSPARSELt's search fails (algorithm "
+                             "id 36 raises an illegal instruction on the H200, torch 2.11) and algorithm 0 is slower "
+                             "than dense; load the model with --dtype bfloat16")
         if not is_2to4(weight):
             raise UsageError(f"a {tuple(weight.shape)} weight is not 2:4 sparse; prune it with --pattern 2:4 first")
         self.register_buffer("dense", weight, persistent=False)
@@ -258,21 +261,17 @@ def _sync():
 
 
 def search_algos(core: "SparseCore", x: torch.Tensor) -> list[Algo]:
-    """The configurations worth timing for input ``x``: cuSPARSELt's pick (no split-k), then the same
-    algorithm with each factor in ``SPLIT_K``. The plan times them all and keeps the fastest.
+    """The configurations to time for input ``x``: cuSPARSELt's own pick (algorithm 0 where the search fails).
 
-    In float16 the search is not called: on the H200 (torch 2.11, cuSPARSELt 0.8) it fails with an internal
-    error whenever the result is transposed (our layout), while algorithm 0 runs correctly, so float16 uses 0.
+    Split-k is not among them: on the H200 (torch 2.11, cuSPARSELt 0.8) the search never proposes it
+    (split_k -1), and setting split-k 2 or 4 by hand is refused ("invalid value").
     """
-    found = Algo()
-    if core.dense.dtype != torch.float16:
-        xp = F.pad(x, (0, 0, 0, (-x.shape[0]) % PAD))
-        try:
-            found = Kernels.search(core.packed, xp.t())
-        except RuntimeError:
-            pass
-        found = Algo(found.alg if isinstance(found, Algo) else int(found))  # its split-k: -1 (none) on the H200
-    return [found] + [Algo(found.alg, k) for k in SPLIT_K]
+    xp = F.pad(x, (0, 0, 0, (-x.shape[0]) % PAD))
+    try:
+        found = Kernels.search(core.packed, xp.t())
+    except RuntimeError:
+        return [Algo()]
+    return [Algo(found.alg if isinstance(found, Algo) else int(found))]
 
 
 def choose(dense_s: float, sparse_s: dict) -> tuple[Choice, float]:
@@ -287,7 +286,7 @@ def plan_cores(cores: list[SparseCore], plan: Plan, buckets=BUCKETS, reps: int =
 
     Two timings: back-to-back calls ("eager": cuSPARSELt's per-call host cost, ~0.5 ms in torch 2.11,
     counts) and CUDA-graph replay ("graph": GPU time alone, used while a graph is being captured).
-    Each searched algorithm is timed as is and with split-k (``SPLIT_K``); the fastest is kept.
+    Where ``search_algos`` offers several configurations the fastest is kept.
     """
     seen = {}
     for core in cores:
@@ -301,13 +300,7 @@ def plan_cores(cores: list[SparseCore], plan: Plan, buckets=BUCKETS, reps: int =
                 modes["graph"] = graph_time
             for mode, timer in modes.items():
                 dense_s = timer(lambda: F.linear(x, core.dense, core.bias), reps)
-                sparse_s = {}
-                for a in algos:
-                    try:
-                        sparse_s[a] = timer(lambda: core.sparse_mm(x, a), reps)
-                    except RuntimeError:  # a configuration cuSPARSELt refuses for this shape: not a candidate
-                        if a == algos[0]:
-                            raise
+                sparse_s = {a: timer(lambda: core.sparse_mm(x, a), reps) for a in algos}
                 choice, best = choose(dense_s, sparse_s)
                 plan.choices[(mode, key, t)] = choice
                 plan.timings.append({"mode": mode, "shape": list(key[:2]), "dtype": key[2], "tokens": t,
