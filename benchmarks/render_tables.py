@@ -175,21 +175,26 @@ def sparse24_table(path: Path) -> str:
     head = (f"{r['gpu']}, torch {r['versions']['torch']}, CUDA {r['cuda']}, transformers {r['versions']['transformers']}; "
             f"Llama-2-7B shapes, {r['layers']} layers, random {r['dtype']} weights with 2:4 magnitude masks; "
             f"one run: `{r['command']}`. Speed-up = dense time / sparse time (>1 is faster).\n\n")
-    out = [head + "Per Linear, GPU time (CUDA-graph replay; the eager column adds host cost: back-to-back calls):\n",
-           "| Linear [out x in] | tokens | dense (ms) | llmprune 2:4 (ms) | speed-up | stock swap speed-up | "
-           "llmprune eager speed-up |", "|---|---:|---:|---:|---:|---:|---:|"]
+    out = [head + "Per Linear, GPU time (CUDA-graph replay; the eager column adds host cost: back-to-back calls); "
+           "alg = cuSPARSELt's algorithm id from its search:\n",
+           "| Linear [out x in] | tokens | alg | dense (ms) | llmprune 2:4 (ms) | speed-up | stock swap speed-up | "
+           "llmprune eager speed-up |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for row in r["linears"]:
         d, l, s = row.get("dense_graph_ms"), row.get("llmprune_graph_ms"), row.get("stock_graph_ms")
-        out.append(f"| {row['linear']} [{row['out']} x {row['in']}] | {row['tokens']} | {d:.3f} | {l:.3f} | "
-                   f"{_x(d, l)} | {_x(d, s)} | {_x(row.get('dense_eager_ms'), row.get('llmprune_eager_ms'))} |")
-    out += ["", "Whole model (eager: plain PyTorch calls; graph: the forward captured once as a CUDA graph, "
-            "replayed); decode: one step of batch tokens after a 128-token prompt, HF dynamic cache, eager:\n",
+        out.append(f"| {row['linear']} [{row['out']} x {row['in']}] | {row['tokens']} | {row.get('alg', '-')} | {d:.3f} | "
+                   f"{l:.3f} | {_x(d, l)} | {_x(d, s)} | {_x(row.get('dense_eager_ms'), row.get('llmprune_eager_ms'))} |")
+    out += ["", "Whole model. Prefill: eager = plain PyTorch calls, graph = the forward captured once as a CUDA graph "
+            "and replayed. Decode: one step of batch tokens after a 128-token prompt; eager = transformers' dynamic "
+            "cache, plain calls (host-bound); graph = static cache, each step one CUDA-graph replay (dense, llmprune "
+            "and stock each captured the same way):\n",
             "| run | dense (ms) | llmprune 2:4 (ms) | speed-up | stock swap (ms) | speed-up |", "|---|---:|---:|---:|---:|---:|"]
     for i, row in enumerate(runs["dense"]["rows"]):
-        modes = ("eager", "graph") if row["kind"] == "prefill" else ("eager",)
-        for mode in modes:
+        for mode in ("eager", "graph"):
+            if f"{mode}_ms" not in row:
+                continue
             label = (f"prefill {row['batch']} x {row['seqlen']}, {mode}" if row["kind"] == "prefill"
-                     else f"decode, batch {row['batch']}, {mode}")
+                     else f"decode, batch {row['batch']}, " + ("eager, dynamic cache" if mode == "eager"
+                                                               else "CUDA graph, static cache"))
             d = row.get(f"{mode}_ms")
             lr, sr = runs["llmprune"]["rows"][i], runs["stock"]["rows"][i]
             l, s = lr.get(f"{mode}_ms"), sr.get(f"{mode}_ms")
@@ -199,8 +204,63 @@ def sparse24_table(path: Path) -> str:
     out += ["", f"Logits of a 2 x 64-token input against the dense pruned model (max |logit| "
             f"{chk['check_all_sparse']['ref_max_abs']:.2f}): llmprune with the sparse kernel in every Linear, max abs "
             f"difference {chk['check_all_sparse']['max_abs_diff']:.3f}, argmax agreement "
-            f"{100 * chk['check_all_sparse']['argmax_agreement']:.1f}%; stock swap "
+            f"{100 * chk['check_all_sparse']['argmax_agreement']:.1f}%; with its plan (dense at 128 tokens) "
+            f"{chk['check']['max_abs_diff']:.3f}; stock swap "
             f"{runs['stock']['check']['max_abs_diff']:.3f}, {100 * runs['stock']['check']['argmax_agreement']:.1f}%."]
+    dc = chk.get("decode_check")
+    if dc:
+        out.append(f"Greedy decode, batch 2, {dc['steps']} tokens: the CUDA-graph decode gives the same tokens as the same "
+                   f"static-cache step run eagerly ({'yes' if dc['graph_equals_eager_static'] else 'NO'} for llmprune, "
+                   f"{'yes' if runs['dense']['decode_check']['graph_equals_eager_static'] else 'NO'} for dense); "
+                   f"llmprune's tokens equal dense's at {100 * dc['agreement_with_dense']:.0f}% of positions.")
+    return "\n".join(out)
+
+
+def cslt_fp16_table(path: Path) -> str:
+    r = json.loads(path.read_text())
+    tokens = sorted({a["tokens"] for a in r["attempts"]})
+    out = [f"{r['gpu']}, torch {r['torch']}, CUDA {r['cuda']}, cuSPARSELt {r['cusparselt']}; a {r['shape'][0]} x "
+           f"{r['shape'][1]} 2:4 weight, each attempt in its own process (`python benchmarks/cslt_fp16.py`):\n",
+           "| float16 call | " + " | ".join(f"{t} tokens" for t in tokens) + " |", "|---|" + "---|" * len(tokens)]
+
+    def cell(a):
+        if a is None:
+            return "-"
+        res = a.get("result")
+        if res and "algs" in res:
+            good = [int(k) for k, v in res["algs"].items() if v is True]
+            bad = {int(k): v for k, v in res["algs"].items() if v is not True}
+            first = min(bad) if bad else None
+            return (f"ids {min(good)}-{max(good)} correct" + (f"; id {first}: {bad[first][:60]}; later ids fail"
+                                                                 if first is not None else ""))
+        if res and a["returncode"] == 0:
+            extra = f"alg {res['alg']}, " if "alg" in res else ""
+            return f"{extra}{'correct' if res['ok'] else 'WRONG'} (rel. err {res['max_rel_err']:.1e})"
+        err = (a.get("error") or "").splitlines()[-1]
+        if "when calling `" in err:  # the C++ call in full is long: its name is enough
+            err = err.split("(")[0] + "(...)`"
+        return "fails: " + err[:120].replace("|", "/")
+
+    for name in dict.fromkeys(a["attempt"] for a in r["attempts"] if a["dtype"] == "float16"):
+        cells = [cell(next((a for a in r["attempts"] if a["dtype"] == "float16" and a["attempt"] == name
+                            and a["tokens"] == t), None)) for t in tokens]
+        out.append(f"| {name} | " + " | ".join(cells) + " |")
+    bf = [a for a in r["attempts"] if a["dtype"] == "bfloat16" and "search" in a["attempt"]]
+    out.append("\nThe same searches in bfloat16: " + "; ".join(f"{a['attempt']} at {a['tokens']} tokens: {cell(a)}"
+                                                         for a in bf) + ".")
+    return "\n".join(out)
+
+
+def cslt_fp16_algs_table(path: Path) -> str:
+    r = json.loads(path.read_text())
+    out = [f"float16 by hand, {r['gpu']}, torch {r['torch']}: every algorithm id 0-35 timed as CUDA-graph replay "
+           "(`python benchmarks/cslt_fp16_algs.py`):\n",
+           "| Linear [out x in] | tokens | dense (ms) | best id | 2:4 best (ms) | speed-up | one eager 2:4 call (ms) | "
+           "one eager dense call (ms) |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for c in r["cases"]:
+        eager = c[f"eager_call_ms_alg{c['best_alg']}"]
+        out.append(f"| [{c['out']} x {c['in']}] | {c['tokens']} | {c['dense_ms']:.3f} | {c['best_alg']} | "
+                   f"{c['best_ms']:.3f} | {_x(c['dense_ms'], c['best_ms'])} | {eager:.0f} | {c['dense_eager_ms']:.3f} |")
     return "\n".join(out)
 
 
@@ -274,7 +334,8 @@ if __name__ == "__main__":
     for name, fn in [("paper_table_smollm2.json", paper_table), ("prune_time_smollm2.json", prune_time_table),
                      ("gpu_check_h200.json", gpu_table), ("gpu_scale_h200.json", gpu_scale_table),
                      ("stream_memory_cpu.json", stream_memory_table),
-                     ("vs_llmcompressor_smollm2.json", llmc_table), ("sparse24_h200_bf16.json", sparse24_table),
+                     ("vs_llmcompressor_smollm2.json", llmc_table), ("sparse24_h200_bf16_graphs.json", sparse24_table),
+                     ("cslt_fp16_h200.json", cslt_fp16_table), ("cslt_fp16_algs_h200.json", cslt_fp16_algs_table),
                      ("storage_smollm2.json", storage_table), ("kill_resume_smollm2.json", kill_resume_table),
                      ("beyond_wanda_smollm2.json", beyond_table), ("beyond_wanda_gemma3.json", beyond_table),
                      ("zero_shot_smollm2.json", zero_shot_table)]:
