@@ -41,7 +41,7 @@ def beyond_table(path: Path) -> str:
             f"lambda = {hp['owl_lambda']:g}; RIA a = {hp['ria_a']:g}; update dampening {hp['update_damp']:g}, "
             f"{hp['update_iters']} CG steps. Cells: perplexity (prune time in s); - = not run. "
             f"Prune times come from a CPU shared with other jobs, rows run with 1 or 2 threads (recorded per row "
-            f"where known): they are not comparable across rows; the "Prune time (CPU)" table is.\n\n")
+            f"where known): they are not comparable across rows; the \"Prune time (CPU)\" table is.\n\n")
     lines = ["| method | " + " | ".join(f"{c} unstructured" if c.endswith("%") else c for c in BEYOND_CELLS) + " |",
              "|---|" + "---:|" * len(BEYOND_CELLS)]
     rows = r["rows"]
