@@ -1,9 +1,10 @@
 """WikiText-2 perplexity and prune time of the baselines and of OWL, RIA (+ N:M channel permutation),
-the Wanda variant and the least-squares weight update, at 50/60/70% unstructured, 4:8 and 2:4.
+the Wanda variant, the least-squares weight update and DSnoT mask refinement, at 50/60/70% unstructured, 4:8 and 2:4.
 
 Reduced protocol for a 2-core CPU (default): 32 C4 calibration windows x 512 tokens, seed 0; WikiText-2
 test, 512-token windows, first 32. Hyper-parameters are the papers' defaults, fixed before any run:
-OWL M = 5, lambda = 0.08; RIA a = 0.5; update: 1% dampening, 20 conjugate-gradient steps. Every run
+OWL M = 5, lambda = 0.08; RIA a = 0.5; update: 1% dampening, 20 conjugate-gradient steps; DSnoT: 50 cycles,
+threshold 0.1 (recorded in each row's settings, the protocol predates them). Every run
 starts from freshly loaded weights with the same calibration tokens and evaluation windows.
 
 Runs go in priority order; the JSON is rewritten after every row, and a rerun with the same --out and
@@ -56,6 +57,12 @@ RUNS = [
     ("wanda-variant", "wanda-variant", "unstructured", 0.5, {}),
     ("magnitude", "magnitude", "unstructured", 0.6, {}),
     ("magnitude", "magnitude", "4:8", None, {}),
+    ("wanda+dsnot", "wanda", "unstructured", 0.7, {"refine": "dsnot"}),
+    ("wanda+dsnot", "wanda", "unstructured", 0.6, {"refine": "dsnot"}),
+    ("wanda+dsnot", "wanda", "unstructured", 0.5, {"refine": "dsnot"}),
+    ("wanda+dsnot", "wanda", "2:4", None, {"refine": "dsnot"}),
+    ("wanda+dsnot", "wanda", "4:8", None, {"refine": "dsnot"}),
+    ("ria+perm+dsnot", "ria", "2:4", None, {"permute": True, "refine": "dsnot"}),
 ]
 
 

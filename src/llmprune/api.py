@@ -12,14 +12,14 @@ import torch
 
 from . import data as data_mod
 from .checkpoint import Checkpoint, model_fingerprint, tokens_sha256
-from .config import Calibration, EvalSettings
+from .config import Calibration, DSnoT, EvalSettings
 from . import distributed, memory
 from .devices import cpu_free_bytes, deterministic, free_bytes, resolve_device, synchronize
 from .errors import UsageError
 from .evaluate import Perplexity, perplexity, windows_of
 from .guards import NumericalError
 from .layerwise import OWL, block_outlier_ratios, block_sizes, owl_sparsities, parse_layerwise
-from .methods import get_method
+from .methods import get_method, wrapped
 from .models import context_length, find_decoder, needs_bos
 from .patterns import Pattern, Unstructured, parse_pattern
 from .runner import LayerResult, prune_blocks
@@ -91,6 +91,7 @@ def prune(
     layerwise: OWL | str | list[float] | None = None,
     permute: bool = False,
     update: str | None = None,
+    refine: DSnoT | str | None = None,
     checkpoint_dir: str | Path | None = None,
     overwrite: bool = False,
     activations: str = "auto",
@@ -104,7 +105,9 @@ def prune(
     the tokens were drawn from that calibration setting, so that the result records it.
     ``layerwise``: None/"uniform", "owl" or ``OWL(m, lam)``, or one sparsity per block (unstructured
     only). ``permute``: choose N:M masks on permuted input channels (score methods). ``update="lsq"``:
-    re-fit the kept weights by least squares on the calibration inputs after the mask.
+    re-fit the kept weights by least squares on the calibration inputs after the mask. ``refine="dsnot"``
+    (or ``DSnoT(cycles, threshold)``): refine a score method's mask by DSnoT's pruning-and-growing before
+    any update.
     ``checkpoint_dir``: save progress there after every block and resume from it (same settings:
     bit-identical to an uninterrupted run; other settings: refused unless ``overwrite``).
     ``activations``: where calibration hidden states live between blocks on a GPU: ``auto`` (on the
@@ -113,13 +116,13 @@ def prune(
     the calibration batches; statistics are summed over all processes. ``placement``: how blocks
     reach the device (``streaming.DiskBlocks`` for a model read from and written to disk).
     """
-    method = get_method(method, permute=permute, update=update)
+    method = get_method(method, permute=permute, update=update, refine=refine)
     pattern = as_pattern(pattern, sparsity)
     if isinstance(layerwise, str):
         layerwise = parse_layerwise(layerwise)
     if layerwise is not None and not isinstance(pattern, Unstructured):
         raise UsageError(f"--layerwise works with unstructured sparsity only, not --pattern {pattern}")
-    if getattr(method, "permute", False) or getattr(getattr(method, "method", None), "permute", False):
+    if any(getattr(m, "permute", False) for m in wrapped(method)):
         if isinstance(pattern, Unstructured):
             raise UsageError("--permute only changes N:M masks; use it with --pattern N:M")
     if isinstance(layerwise, OWL) and not 0 <= pattern.sparsity - layerwise.lam <= pattern.sparsity + layerwise.lam < 1:

@@ -101,6 +101,9 @@ def prune(
     owl_lambda: float = typer.Option(0.08, "--owl-lambda", help="OWL: block sparsities stay within --sparsity +- lambda."),
     permute: bool = typer.Option(False, "--permute", help="N:M: choose masks on permuted input channels (wanda, ria, magnitude)."),
     update: str = typer.Option("none", "--update", help="none | lsq: re-fit the kept weights by least squares after the mask."),
+    refine: str = typer.Option("none", "--refine", help="none | dsnot: refine a score method's mask by DSnoT's pruning-and-growing (before any --update)."),
+    dsnot_cycles: Optional[int] = typer.Option(None, "--dsnot-cycles", help="DSnoT: at most this many swaps per row (default 50)."),
+    dsnot_threshold: Optional[float] = typer.Option(None, "--dsnot-threshold", help="DSnoT: a row stops once its expected error per token |eps| is at most this (default 0.1)."),
     calib: str = typer.Option("c4", "--calib", help="c4 | wikitext2 | path to a .txt or .jsonl (text field) file."),
     nsamples: int = typer.Option(128, "--nsamples", help="Number of calibration windows."),
     seqlen: int = typer.Option(2048, "--seqlen", help="Calibration window length in tokens."),
@@ -153,19 +156,27 @@ def prune(
             distributed.finish(world)
 
 
-def _prune(*, world, model, method, sparsity, pattern, layerwise, owl_m, owl_lambda, permute, update, calib, nsamples,
+def _prune(*, world, model, method, sparsity, pattern, layerwise, owl_m, owl_lambda, permute, update, refine,
+           dsnot_cycles, dsnot_threshold, calib, nsamples,
            seqlen, seed, calib_tokens, device, dtype, batch_size, activations, stream_from_disk, eval_sets, eval_seqlen,
            max_eval_windows, eval_tasks, limit, eval_batch_size, out, overwrite, format, report, data_dir,
            trust_remote_code, progress):
     from . import api, checkpoint, data, devices, export, integrity, loading, report as report_mod, streaming, zeroshot
-    from .config import Calibration, EvalSettings, parse_sets
+    from .config import Calibration, DSnoT, EvalSettings, parse_sets
     from .layerwise import OWL, parse_layerwise
-    from .methods import get_method
+    from .methods import as_refine, get_method
     from .models import find_decoder
     from .patterns import Unstructured, parse_pattern
 
     # every string is checked before the model is loaded
-    method_obj = get_method(method, permute=permute, update=update)
+    refine_obj = as_refine(refine)
+    if refine_obj is None and (dsnot_cycles is not None or dsnot_threshold is not None):
+        raise UsageError("--dsnot-cycles and --dsnot-threshold set DSnoT's refinement: add --refine dsnot")
+    if refine_obj is not None:
+        defaults = DSnoT()
+        refine_obj = DSnoT(defaults.cycles if dsnot_cycles is None else dsnot_cycles,
+                           defaults.threshold if dsnot_threshold is None else dsnot_threshold)
+    method_obj = get_method(method, permute=permute, update=update, refine=refine_obj)
     pattern_obj = parse_pattern(pattern, sparsity)
     layerwise_obj = parse_layerwise(layerwise)
     if isinstance(layerwise_obj, OWL):

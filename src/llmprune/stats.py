@@ -40,6 +40,35 @@ class InputNorms:
         return (self.total / max(self.tokens, 1)).float()
 
 
+class InputMeans:
+    """Mean of x_j over calibration tokens, per input feature (DSnoT's statistic, with ``InputNorms``)."""
+
+    def __init__(self, features: int, device: torch.device) -> None:
+        self.total = torch.zeros(features, dtype=torch.float64, device=device)  # running sum of x_j
+        self.tokens = 0
+        self.memo: dict = {}
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1])
+        for part in x.split(4096):
+            self.total += part.float().sum(dim=0)
+        self.tokens += x.shape[0]
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.total]
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return (self.total / max(self.tokens, 1)).float()
+
+
+def feature_variance(norms: InputNorms, means: InputMeans) -> torch.Tensor:
+    """Var(x_j) = E[x_j^2] - E[x_j]^2 over calibration tokens, from the fp64 sums, fp32 (never negative)."""
+    mean_sq = norms.total / max(norms.tokens, 1)
+    mean = means.total / max(means.tokens, 1)
+    return (mean_sq - mean * mean).clamp_min(0).float()
+
+
 class Hessian:
     """H = 2 X^T X / n over calibration tokens (SparseGPT's statistic)."""
 
@@ -72,4 +101,4 @@ def gram_fp32(x: torch.Tensor) -> torch.Tensor:
     return x.T @ x
 
 
-STATISTICS = {"norms": InputNorms, "hessian": Hessian}
+STATISTICS = {"norms": InputNorms, "means": InputMeans, "hessian": Hessian}

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 
+from ..config import DSnoT
 from ..errors import UsageError
+from .dsnot import WithDSnoT, refine_mask
 from .magnitude import Magnitude
 from .ria import RIA
 from .sparsegpt import SparseGPT
@@ -19,11 +21,13 @@ METHODS = {
     "magnitude": Magnitude,
 }
 UPDATES = ("none", "lsq")
+REFINES = ("none", "dsnot")
 
 
-def get_method(name_or_method, *, permute: bool = False, update: str | None = None):
+def get_method(name_or_method, *, permute: bool = False, update: str | None = None, refine=None):
     """A method instance from its name (or the instance itself), with channel permutation for N:M
-    (score methods only) and a weight update after the mask (``update="lsq"``) if asked."""
+    (score methods only), the mask refined by DSnoT (``refine="dsnot"`` or a ``config.DSnoT``; score
+    methods only) and then a weight update after the mask (``update="lsq"``) if asked."""
     method = name_or_method
     if isinstance(method, str):
         try:
@@ -34,6 +38,12 @@ def get_method(name_or_method, *, permute: bool = False, update: str | None = No
         if not (dataclasses.is_dataclass(method) and any(f.name == "permute" for f in dataclasses.fields(method))):
             raise UsageError(f"--permute works with the score methods (wanda, ria, magnitude), not {method.name}")
         method = dataclasses.replace(method, permute=True)
+    refine = as_refine(refine)
+    if refine is not None and not isinstance(method, WithDSnoT):
+        if not hasattr(method, "score"):
+            raise UsageError(f"--refine dsnot refines the mask of a score method (wanda, wanda-variant, ria, magnitude); "
+                             f"{method.name} changes the weights as it masks: drop --refine")
+        method = WithDSnoT(method, refine.cycles, refine.threshold)
     update = (update or "none").lower()
     if update not in UPDATES:
         raise UsageError(f"--update must be one of {', '.join(UPDATES)}, got {update!r}")
@@ -42,4 +52,22 @@ def get_method(name_or_method, *, permute: bool = False, update: str | None = No
     return method
 
 
-__all__ = ["METHODS", "RIA", "Magnitude", "SparseGPT", "Wanda", "WithUpdate", "get_method", "lsq_update"]
+def wrapped(method):
+    """The method and every method it wraps (``WithUpdate(WithDSnoT(Wanda()))`` -> all three)."""
+    while method is not None:
+        yield method
+        method = getattr(method, "method", None)
+
+
+def as_refine(refine) -> DSnoT | None:
+    """``None``/"none" -> None, "dsnot" -> ``DSnoT()`` (the paper's defaults), a ``DSnoT`` as it is."""
+    if refine is None or isinstance(refine, DSnoT):
+        return refine
+    name = str(refine).lower()
+    if name not in REFINES:
+        raise UsageError(f"--refine must be one of {', '.join(REFINES)}, got {refine!r}")
+    return DSnoT() if name == "dsnot" else None
+
+
+__all__ = ["METHODS", "RIA", "Magnitude", "SparseGPT", "Wanda", "WithDSnoT", "WithUpdate", "as_refine", "get_method",
+           "lsq_update", "refine_mask", "wrapped"]

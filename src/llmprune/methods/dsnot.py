@@ -1,0 +1,136 @@
+"""DSnoT (Zhang et al. 2024, "Dynamic Sparse No Training"): refine a score method's keep-mask, weights untouched.
+
+For output row i with pruned set P, the expected reconstruction error per calibration token is
+    eps_i = sum_{j in P} W_ij E[x_j]
+(the dense minus the sparse output, averaged over tokens). Each cycle, every row with |eps| above
+``threshold`` makes one swap:
+- grow: the pruned weight with the largest sign(eps) W_ij E[x_j] / Var(x_j): it takes back error of eps's
+  sign, and the variance favours features whose mean speaks for every token;
+- prune: among the kept weights whose W_ij E[x_j] has the sign opposite to eps (removing them also moves eps
+  toward zero), the least important by Wanda's |W_ij| ||x_j||; for N:M only those of the grown weight's own
+  group of M, so every group keeps N.
+A swap is made only if it lowers |eps|; a row stops at its first swap that would not, once |eps| <= threshold,
+or after ``cycles`` swaps. So each row keeps its number of weights (each group its N) and no row's |eps|
+grows. A weight moves at most once: grown weights were pruned by the method, pruned ones were kept by it.
+All rows of a weight advance together; the only loop is over cycles.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Mapping
+
+import torch
+
+from ..patterns import NM, Pattern, select
+from ..stats import feature_variance
+
+_TINY_VAR = 1e-12  # a constant input feature is grown first, not divided by zero
+
+
+def refine_mask(weight: torch.Tensor, keep: torch.Tensor, mean: torch.Tensor, var: torch.Tensor,
+                mean_sq: torch.Tensor, pattern: Pattern, cycles: int = 50, threshold: float = 0.1) -> torch.Tensor:
+    """The refined keep-mask (see the module docstring); ``mean``, ``var`` and ``mean_sq`` are per input feature."""
+    w = weight.float()
+    share = w * mean.float().unsqueeze(0)  # each weight's part of the expected output
+    importance = w.abs() * mean_sq.float().sqrt().unsqueeze(0)
+    growth = share / var.float().clamp_min(_TINY_VAR).unsqueeze(0)
+    kept0 = keep.bool()
+    pruned0 = ~kept0
+    eps = (share * pruned0).sum(dim=1, dtype=torch.float64)
+    k = min(cycles, w.shape[1])
+    inf = float("inf")
+    # candidates in the order they would be used, for eps > 0 ("up") and eps < 0 ("down")
+    grow = (_ranked(torch.where(pruned0 & (share > 0), growth, -inf), k, largest=True),
+            _ranked(torch.where(pruned0 & (share < 0), growth, inf), k, largest=False))
+    nm = isinstance(pattern, NM)
+    if nm:
+        negative, positive = kept0 & (share < 0), kept0 & (share > 0)
+    else:
+        prune = (_ranked(torch.where(kept0 & (share < 0), importance, inf), k, largest=False),
+                 _ranked(torch.where(kept0 & (share > 0), importance, inf), k, largest=False))
+    rows = torch.arange(w.shape[0], device=w.device)
+    used = torch.zeros(4, w.shape[0], dtype=torch.long, device=w.device)  # grow up/down, prune up/down
+    active = torch.ones(w.shape[0], dtype=torch.bool, device=w.device)
+    keep = kept0.clone()
+    for _ in range(cycles):
+        up = eps > 0
+        g, g_ok = _next(up, grow, used[0], used[1])
+        if nm:
+            opposite = torch.where(up.unsqueeze(1), negative, positive)
+            p, p_ok = _least_in_group(g, keep & opposite, importance, pattern.m)
+        else:
+            p, p_ok = _next(up, prune, used[2], used[3])
+        after = eps + share[rows, p].double() - share[rows, g].double()
+        swap = active & g_ok & p_ok & (eps.abs() > threshold) & (after.abs() < eps.abs())
+        if not bool(swap.any()):
+            break
+        keep[rows[swap], g[swap]] = True
+        keep[rows[swap], p[swap]] = False
+        eps = torch.where(swap, after, eps)
+        used += torch.stack([swap & up, swap & ~up, swap & up, swap & ~up]).long()
+        active = swap
+    return keep
+
+
+def _ranked(values: torch.Tensor, k: int, largest: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row, the column indices of the ``k`` best finite values in order, and which of them exist."""
+    best, idx = torch.topk(values, k, dim=1, largest=largest, sorted=True)
+    return idx, torch.isfinite(best)
+
+
+def _next(up: torch.Tensor, lists, used_up: torch.Tensor, used_down: torch.Tensor):
+    """Each row's next unused candidate from the up or the down list, and whether there is one."""
+    (idx_u, ok_u), (idx_d, ok_d) = lists
+    k = idx_u.shape[1]
+    at_u, at_d = used_up.clamp(max=k - 1).unsqueeze(1), used_down.clamp(max=k - 1).unsqueeze(1)
+    idx = torch.where(up, idx_u.gather(1, at_u).squeeze(1), idx_d.gather(1, at_d).squeeze(1))
+    ok = torch.where(up, ok_u.gather(1, at_u).squeeze(1) & (used_up < k), ok_d.gather(1, at_d).squeeze(1) & (used_down < k))
+    return idx, ok
+
+
+def _least_in_group(col: torch.Tensor, prunable: torch.Tensor, importance: torch.Tensor, m: int):
+    """Per row, the least important prunable weight in the group of M that holds column ``col``."""
+    start = col - col % m
+    cols = start.unsqueeze(1) + torch.arange(m, device=col.device)
+    scores = torch.where(prunable.gather(1, cols), importance.gather(1, cols), float("inf"))
+    best, j = scores.min(dim=1)
+    return start + j, torch.isfinite(best)
+
+
+@dataclass(frozen=True)
+class WithDSnoT:
+    """A score method's mask refined by ``refine_mask`` (needs input norms and means besides its own statistics).
+
+    With ``permute`` (N:M), the refinement runs in the permuted column order, where the groups of M are."""
+
+    method: object
+    cycles: int = 50
+    threshold: float = 0.1
+    name: str = field(init=False)
+    needs: tuple[str, ...] = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "name", f"{self.method.name}+dsnot")
+        object.__setattr__(self, "needs", tuple(dict.fromkeys((*self.method.needs, "norms", "means"))))
+
+    def prune(self, weight: torch.Tensor, stats: Mapping[str, object], pattern: Pattern):
+        mean, mean_sq = stats["means"].mean, stats["norms"].mean_sq
+        var = feature_variance(stats["norms"], stats["means"])
+        if isinstance(pattern, NM) and getattr(self.method, "permute", False):
+            from ..permute import nm_permutation
+
+            scores = self.method.score(weight, stats)
+            perm = nm_permutation(scores, pattern)
+            refined = refine_mask(weight[:, perm], select(scores[:, perm], pattern), mean[perm], var[perm],
+                                  mean_sq[perm], pattern, self.cycles, self.threshold)
+            keep = torch.empty_like(refined)
+            keep[:, perm] = refined
+        else:
+            _, keep = self.method.prune(weight, stats, pattern)
+            keep = refine_mask(weight, keep, mean, var, mean_sq, pattern, self.cycles, self.threshold)
+        return weight * keep, keep
+
+    def settings(self) -> dict:
+        return {**self.method.settings(), "refine": "dsnot", "dsnot_cycles": self.cycles,
+                "dsnot_threshold": self.threshold}
