@@ -13,7 +13,8 @@ from .conftest import random_tokens, tiny_model
 from .test_runner import linear_weights
 
 CPU = torch.device("cpu")
-CASES = [("wanda", Unstructured(0.5)), ("sparsegpt", NM(2, 4))]
+CASES = [("wanda", Unstructured(0.5), {}), ("sparsegpt", NM(2, 4), {}),
+         ("wanda+dsnot", Unstructured(0.7), {"refine": llmprune.DSnoT(threshold=0.0)})]  # input means summed too
 
 
 def _free_port() -> int:
@@ -27,10 +28,10 @@ def _prune_all(world, tokens):
     torch.set_num_threads(1)  # the same GEMM blocking in every process
     try:
         out = {}
-        for method, pattern in CASES:
+        for method, pattern, options in CASES:
             model = tiny_model("llama", layers=2)
-            llmprune.prune(model, calib_tokens=tokens, method=method, pattern=pattern, device=CPU, batch_size=2,
-                           progress=False, world=world)
+            llmprune.prune(model, calib_tokens=tokens, method=method.split("+")[0], pattern=pattern, device=CPU,
+                           batch_size=2, progress=False, world=world, **options)
             out[method] = linear_weights(model)
         return out
     finally:
@@ -54,7 +55,7 @@ def test_two_processes_give_the_single_process_result():
         results = manager.dict()
         mp.spawn(_rank, args=(2, _free_port(), tokens, results), nprocs=2, join=True)
         ranks = [results[0], results[1]]
-    for method, _ in CASES:
+    for method, _, _ in CASES:
         for name, w in single[method].items():
             for r in ranks:
                 assert torch.equal(r[method][name] == 0, w == 0), (method, name)
