@@ -211,12 +211,10 @@ def _api_cases(tmp, tokenizer):
         "pattern 1:0": (lambda: prune(pattern="1:0"), "0 < N <= M, got 1:0"),
         "sparsity 1.0": (lambda: prune(sparsity=1.0), "--sparsity must be a fraction in [0, 1)"),
         "sparsity as text": (lambda: llmprune.Unstructured("abc"), "--sparsity must be a fraction in [0, 1), got 'abc'"),
-        "refine unknown": (["--refine", "dsnt"], "--refine must be one of none, dsnot, got 'dsnt'"),
-    "refine with sparsegpt": (["--method", "sparsegpt", "--refine", "dsnot"], "--refine dsnot refines the mask of a score method (wanda, wanda-variant, ria, magnitude); sparsegpt changes the weights as it masks: drop --refine"),
-    "dsnot cycles 0": (["--refine", "dsnot", "--dsnot-cycles", "0"], "--dsnot-cycles must be a positive integer, got 0; e.g. --dsnot-cycles 50"),
-    "dsnot threshold negative": (["--refine", "dsnot", "--dsnot-threshold", "-1"], "--dsnot-threshold must be a finite number >= 0, got -1.0"),
-    "dsnot options without refine": (["--dsnot-cycles", "10"], "--dsnot-cycles and --dsnot-threshold set DSnoT's refinement: add --refine dsnot"),
-    "nsamples 0": (lambda: Calibration("c4", nsamples=0), "--nsamples must be a positive integer, got 0"),
+        "refine unknown": (lambda: prune(refine="dsnt"), "--refine must be one of none, dsnot, got 'dsnt'"),
+        "refine with sparsegpt": (lambda: prune(method="sparsegpt", refine="dsnot"), "--refine dsnot refines the mask"),
+        "dsnot cycles 0": (lambda: llmprune.DSnoT(cycles=0), "--dsnot-cycles must be a positive integer, got 0"),
+        "nsamples 0": (lambda: Calibration("c4", nsamples=0), "--nsamples must be a positive integer, got 0"),
         "unknown method": (lambda: prune(method="obs"), "--method must be one of"),
         "batch size 0": (lambda: prune(batch_size=0), "--batch-size must be >= 1"),
         "tokens longer than the context": (lambda: prune(calib_tokens=random_tokens(1, 300)),
@@ -232,7 +230,8 @@ def _api_cases(tmp, tokenizer):
 
 
 API_IDS = [
-    "pattern 2:", "pattern 1:0", "sparsity 1.0", "sparsity as text", "nsamples 0", "unknown method", "batch size 0",
+    "pattern 2:", "pattern 1:0", "sparsity 1.0", "sparsity as text", "refine unknown", "refine with sparsegpt",
+    "dsnot cycles 0", "nsamples 0", "unknown method", "batch size 0",
     "tokens longer than the context", "cuda without a GPU", "unsupported architecture", "unknown eval set",
     "not a model folder", "checkpoint of other settings", "no disk space"]
 
