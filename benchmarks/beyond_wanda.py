@@ -49,6 +49,12 @@ RUNS = [
     ("sparsegpt", "sparsegpt", "unstructured", 0.5, {}),
     ("sparsegpt", "sparsegpt", "unstructured", 0.6, {}),
     ("ria+perm", "ria", "4:8", None, {"permute": True}),
+    ("wanda+dsnot", "wanda", "unstructured", 0.7, {"refine": "dsnot"}),
+    ("wanda+dsnot", "wanda", "2:4", None, {"refine": "dsnot"}),
+    ("wanda+dsnot", "wanda", "unstructured", 0.5, {"refine": "dsnot"}),
+    ("ria+perm+dsnot", "ria", "2:4", None, {"permute": True, "refine": "dsnot"}),
+    ("wanda+dsnot", "wanda", "unstructured", 0.6, {"refine": "dsnot"}),
+    ("wanda+dsnot", "wanda", "4:8", None, {"refine": "dsnot"}),
     ("wanda-variant", "wanda-variant", "unstructured", 0.7, {}),
     ("magnitude", "magnitude", "unstructured", 0.7, {}),
     ("magnitude", "magnitude", "2:4", None, {}),
@@ -57,12 +63,6 @@ RUNS = [
     ("wanda-variant", "wanda-variant", "unstructured", 0.5, {}),
     ("magnitude", "magnitude", "unstructured", 0.6, {}),
     ("magnitude", "magnitude", "4:8", None, {}),
-    ("wanda+dsnot", "wanda", "unstructured", 0.7, {"refine": "dsnot"}),
-    ("wanda+dsnot", "wanda", "unstructured", 0.6, {"refine": "dsnot"}),
-    ("wanda+dsnot", "wanda", "unstructured", 0.5, {"refine": "dsnot"}),
-    ("wanda+dsnot", "wanda", "2:4", None, {"refine": "dsnot"}),
-    ("wanda+dsnot", "wanda", "4:8", None, {"refine": "dsnot"}),
-    ("ria+perm+dsnot", "ria", "2:4", None, {"permute": True, "refine": "dsnot"}),
 ]
 
 
