@@ -64,9 +64,13 @@ def _gain(cand: torch.Tensor, thr: torch.Tensor, chunk_elems: int) -> torch.Tens
     return gain
 
 
-def permuted_nm_select(scores: torch.Tensor, pattern: NM, rounds: int = 1) -> torch.Tensor:
-    """Keep-mask in the original column order that is N:M in the order ``nm_permutation`` finds."""
+def permuted_nm_select(scores: torch.Tensor, pattern: NM, rounds: int = 1, then=None) -> torch.Tensor:
+    """Keep-mask in the original column order that is N:M in the order ``nm_permutation`` finds.
+
+    ``then(keep, perm)``, if given, adjusts the mask while it is still in permuted order (where the groups of M
+    are) and returns it, e.g. a refinement that must keep each group N:M."""
     perm = nm_permutation(scores, pattern, rounds)
+    chosen = select(scores[:, perm], pattern)
     keep = torch.empty_like(scores, dtype=torch.bool)
-    keep[:, perm] = select(scores[:, perm], pattern)
+    keep[:, perm] = chosen if then is None else then(chosen, perm)
     return keep

@@ -22,7 +22,7 @@ from typing import Mapping
 
 import torch
 
-from ..patterns import NM, Pattern, select
+from ..patterns import NM, Pattern
 from ..stats import feature_variance
 
 _TINY_VAR = 1e-12  # a constant input feature is grown first, not divided by zero
@@ -118,14 +118,12 @@ class WithDSnoT:
         mean, mean_sq = stats["means"].mean, stats["norms"].mean_sq
         var = feature_variance(stats["norms"], stats["means"])
         if isinstance(pattern, NM) and getattr(self.method, "permute", False):
-            from ..permute import nm_permutation
+            from ..permute import permuted_nm_select
 
-            scores = self.method.score(weight, stats)
-            perm = nm_permutation(scores, pattern)
-            refined = refine_mask(weight[:, perm], select(scores[:, perm], pattern), mean[perm], var[perm],
-                                  mean_sq[perm], pattern, self.cycles, self.threshold)
-            keep = torch.empty_like(refined)
-            keep[:, perm] = refined
+            keep = permuted_nm_select(
+                self.method.score(weight, stats), pattern,
+                then=lambda chosen, perm: refine_mask(weight[:, perm], chosen, mean[perm], var[perm], mean_sq[perm],
+                                                      pattern, self.cycles, self.threshold))
         else:
             _, keep = self.method.prune(weight, stats, pattern)
             keep = refine_mask(weight, keep, mean, var, mean_sq, pattern, self.cycles, self.threshold)
