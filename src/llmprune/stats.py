@@ -12,23 +12,36 @@ from __future__ import annotations
 import torch
 
 
-class InputNorms:
-    """Mean of x_j^2 over calibration tokens, per input feature (Wanda's statistic)."""
+class _FeatureSums:
+    """fp64 running sum over calibration tokens of a per-feature term of the inputs (``_term``), and the token count."""
 
     def __init__(self, features: int, device: torch.device) -> None:
-        self.total = torch.zeros(features, dtype=torch.float64, device=device)  # running sum of x_j^2
+        self.total = torch.zeros(features, dtype=torch.float64, device=device)
         self.tokens = 0
         self.memo: dict = {}
+
+    @staticmethod
+    def _term(part: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
 
     def add(self, x: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1])
         for part in x.split(4096):  # bounded fp32 temporaries
-            self.total += part.float().pow(2).sum(dim=0)
+            self.total += self._term(part.float()).sum(dim=0)
         self.tokens += x.shape[0]
 
     def tensors(self) -> list[torch.Tensor]:
         """The running sums; summing them over processes (with ``tokens``) combines shares of the data."""
         return [self.total]
+
+    def _mean(self) -> torch.Tensor:
+        return (self.total / max(self.tokens, 1)).float()
+
+
+class InputNorms(_FeatureSums):
+    """Mean of x_j^2 over calibration tokens, per input feature (Wanda's statistic)."""
+
+    _term = staticmethod(torch.square)
 
     @property
     def sum_sq(self) -> torch.Tensor:
@@ -37,29 +50,19 @@ class InputNorms:
 
     @property
     def mean_sq(self) -> torch.Tensor:
-        return (self.total / max(self.tokens, 1)).float()
+        return self._mean()
 
 
-class InputMeans:
+class InputMeans(_FeatureSums):
     """Mean of x_j over calibration tokens, per input feature (DSnoT's statistic, with ``InputNorms``)."""
 
-    def __init__(self, features: int, device: torch.device) -> None:
-        self.total = torch.zeros(features, dtype=torch.float64, device=device)  # running sum of x_j
-        self.tokens = 0
-        self.memo: dict = {}
-
-    def add(self, x: torch.Tensor) -> None:
-        x = x.reshape(-1, x.shape[-1])
-        for part in x.split(4096):
-            self.total += part.float().sum(dim=0)
-        self.tokens += x.shape[0]
-
-    def tensors(self) -> list[torch.Tensor]:
-        return [self.total]
+    @staticmethod
+    def _term(part: torch.Tensor) -> torch.Tensor:
+        return part
 
     @property
     def mean(self) -> torch.Tensor:
-        return (self.total / max(self.tokens, 1)).float()
+        return self._mean()
 
 
 def feature_variance(norms: InputNorms, means: InputMeans) -> torch.Tensor:
