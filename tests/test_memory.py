@@ -69,3 +69,17 @@ def test_sizes_read_off_a_tiny_llama():
     assert sizes.eager_attention_heads == 4
     assert "GiB" in estimate(sizes, 4, 16, 2, ("norms",), torch.device("cpu"), False).describe(torch.device("cpu"))
     assert GiB == 2**30
+
+
+def test_whole_model_on_the_gpu_only_when_model_and_run_fit_beside_each_other():
+    from llmprune.memory import whole_model_fits
+
+    model = tiny_model("llama", layers=2)
+    model_bytes = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    sizes = ModelSizes.of(model, GPU, whole_model_on_device=True)
+    assert sizes.on_device_bytes == model_bytes and ModelSizes.of(model, GPU).on_device_bytes == 0
+    need = estimate(sizes, 4, 16, 2, ("norms",), GPU, offload=False).device_bytes
+    assert need > model_bytes
+    assert whole_model_fits(model, 4, 16, 2, ("norms",), GPU, "auto", need, None)
+    assert not whole_model_fits(model, 4, 16, 2, ("norms",), GPU, "auto", need - 1, None)
+    assert not whole_model_fits(model, 4, 16, 2, ("norms",), torch.device("cpu"), "auto", None, None)

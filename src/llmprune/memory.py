@@ -34,7 +34,8 @@ class ModelSizes:
     eager_attention_heads: int = 0  # heads, when attention materialises seqlen x seqlen scores
 
     @classmethod
-    def of(cls, model: nn.Module, device: torch.device) -> "ModelSizes":
+    def of(cls, model: nn.Module, device: torch.device, whole_model_on_device: bool = False) -> "ModelSizes":
+        """Sizes read off ``model``; ``whole_model_on_device``: as if every tensor were already on ``device``."""
         decoder, blocks = find_decoder(model)
 
         def nbytes(module, only_on=None):
@@ -53,7 +54,7 @@ class ModelSizes:
         return cls(
             hidden=max(min(s) for s in layers), widest=max(max(s) for s in layers), elem=param.element_size(),
             block_bytes=max(nbytes(b) for b in blocks), stem_bytes=stem,
-            on_device_bytes=nbytes(model, device) if device.type != "cpu" else 0,
+            on_device_bytes=0 if device.type == "cpu" else nbytes(model) if whole_model_on_device else nbytes(model, device),
             hessian_sizes=hessians, largest_weight=max(layers, key=lambda s: s[0] * s[1]),
             eager_attention_heads=heads if eager else 0,
         )
@@ -119,6 +120,23 @@ def plan(sizes: ModelSizes, nsamples: int, seqlen: int, batch_size: int, needs: 
         if _fits(est, device_free, cpu_free):
             return est
     raise UsageError(_refusal(est, sizes, nsamples, seqlen, batch_size, needs, device, device_free, cpu_free))
+
+
+def whole_model_fits(model: nn.Module, nsamples: int, seqlen: int, batch_size: int, needs: tuple[str, ...],
+                     device: torch.device, activations: str, device_free: int | None, cpu_free: int | None) -> bool:
+    """Whether the run fits with every weight moved to ``device`` first (no block then travels to and fro)."""
+    if device.type == "cpu":
+        return False
+    sizes = ModelSizes.of(model, device, whole_model_on_device=True)
+    already = ModelSizes.of(model, device).on_device_bytes
+    free = None if device_free is None else device_free + already
+    try:
+        # activations that would not fit beside the model are better on the GPU with the model in CPU memory
+        est = plan(sizes, nsamples, seqlen, batch_size, needs, device, "gpu" if activations == "auto" else activations,
+                   free, cpu_free)
+    except UsageError:
+        return False
+    return free is None or est.device_bytes <= free
 
 
 def _fits(est: Estimate, device_free: int | None, cpu_free: int | None) -> bool:
