@@ -98,3 +98,20 @@ def test_remote_code_runs_only_with_the_flag(tmp_path, tokenizer):
     assert not marker.exists()
     model, _, _ = llmprune.load_model(str(folder), trust_remote_code=True, progress=False)
     assert marker.exists() and type(model).__name__ == "CustomForCausalLM"
+
+
+def test_state_sha256_by_hand():
+    import hashlib
+
+    lin = torch.nn.Linear(2, 3)
+    with torch.no_grad():
+        lin.weight.copy_(torch.arange(6.0).reshape(3, 2))
+        lin.bias.zero_()
+    lines = ""
+    for name in ("bias", "weight"):  # name order
+        t = getattr(lin, name).detach()
+        lines += f"{name}|{t.dtype}|{tuple(t.shape)}|{hashlib.sha256(t.numpy().tobytes()).hexdigest()}\n"
+    assert state_sha256(lin) == hashlib.sha256(lines.encode()).hexdigest()
+    with torch.no_grad():
+        lin.bias[0] = -0.0  # one sign bit differs: another hash
+    assert state_sha256(lin) != hashlib.sha256(lines.encode()).hexdigest()
