@@ -65,12 +65,14 @@ def _block_kernel(w_ptr, u_ptr, keep_ptr, err_ptr, rows, width, stride_w, stride
 
 
 def prune_block(w: torch.Tensor, keep: torch.Tensor, u: torch.Tensor, pattern: Pattern,
-                rows_per_program: int = ROWS, num_warps: int = WARPS) -> torch.Tensor:
+                rows_per_program: int | None = None, num_warps: int | None = None) -> torch.Tensor:
     """Prune the block ``w`` [rows, width] in place; returns the errors [rows, width].
 
     ``keep`` is read (unstructured: chosen before) or written (N:M); ``u`` is the block's
-    [width, width] upper factor. Rows must be contiguous in memory (column stride 1).
+    [width, width] upper factor. Rows must be contiguous in memory (column stride 1). The tile
+    (``ROWS``, ``WARPS`` unless given) changes the speed only.
     """
+    rows_per_program, num_warps = rows_per_program or ROWS, num_warps or WARPS
     assert w.stride(1) == 1 and u.stride(1) == 1 and keep.stride(1) == 1 and u.dtype == w.dtype
     rows, width = w.shape
     err = torch.empty_like(w)
