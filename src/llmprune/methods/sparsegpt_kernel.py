@@ -50,12 +50,13 @@ def _block_kernel(w_ptr, u_ptr, keep_ptr, err_ptr, rows, width, stride_w, stride
         keep = tl.load(keep_at, mask=tile, other=1) != 0
     else:
         keep = tl.full((R, BS), 1, dtype=tl.int1)
-    for a in range(0, width, M):
+    for a in range(0, BS, M):  # a constant bound (Triton 3.6's interpreter cannot loop to an argument)
         if not GIVEN:
             keep = _choose_group(w, diag, keep, cols, a, N, M)
         for j in tl.static_range(M):
-            k = a + j
-            e = tl.sum(tl.where((cols[None, :] == k) & ~keep, w, 0.0), axis=1) / tl.load(u_ptr + k * (stride_u + 1))
+            k = a + j  # columns beyond ``width`` hold zeros: errors 0, written to the padding of the error buffer
+            u_kk = tl.load(u_ptr + tl.minimum(k, width - 1) * (stride_u + 1))  # in bounds beyond ``width``
+            e = tl.sum(tl.where((cols[None, :] == k) & ~keep, w, 0.0), axis=1) / u_kk
             u_k = tl.load(u_ptr + k * stride_u + cols, mask=(cols >= k) & in_cols, other=0.0)
             w -= e[:, None] * u_k[None, :]
             tl.store(err_ptr + r * stride_err + k, e, mask=in_rows)
@@ -75,12 +76,13 @@ def prune_block(w: torch.Tensor, keep: torch.Tensor, u: torch.Tensor, pattern: P
     rows_per_program, num_warps = rows_per_program or ROWS, num_warps or WARPS
     assert w.stride(1) == 1 and u.stride(1) == 1 and keep.stride(1) == 1 and u.dtype == w.dtype
     rows, width = w.shape
-    err = torch.empty_like(w)
+    padded = triton.next_power_of_2(width)
+    err = w.new_empty(rows, padded)
     nm = isinstance(pattern, NM)
     if nm:
         assert width % pattern.m == 0
     grid = (triton.cdiv(rows, rows_per_program),)
     _block_kernel[grid](w, u, keep.view(torch.uint8), err, rows, width, w.stride(0), u.stride(0), keep.stride(0),
                         err.stride(0), N=pattern.n if nm else 0, M=pattern.m if nm else 1, GIVEN=not nm,
-                        R=rows_per_program, BS=triton.next_power_of_2(width), num_warps=num_warps)
-    return err
+                        R=rows_per_program, BS=padded, num_warps=num_warps)
+    return err[:, :width]
