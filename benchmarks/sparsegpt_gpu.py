@@ -98,7 +98,7 @@ def measure_shape(rows, cols, device, reps, torch_budget_s):
             o_s, b = timed(lambda: torch_method.prune(sub, stats, pattern), device, 1 if isinstance(pattern, NM) else 2)
             torch_budget_s["left"] -= o_s
             row["torch_ms"] = 1e3 * o_s
-            row["speedup"] = o_s / t_s * (rows / sub.shape[0])
+            row["speedup"] = o_s / t_s * (rows / sub.shape[0])  # on a row slice: scaled by rows, an upper bound
             row.update(agreement(xs, sub, (a[0][: sub.shape[0]], a[1][: sub.shape[0]]), b, pattern))
         out["patterns"].append(row)
         print(out["shape"], row, flush=True)
