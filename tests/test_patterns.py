@@ -69,6 +69,14 @@ def test_nm_one_of_four_is_not_three_of_four():
     assert select(scores, NM(3, 4)).tolist() == [[True, True, True, False]]
 
 
+def test_ties_are_broken_by_position_the_same_way_for_nm_and_unstructured():
+    # among equal scores the earlier weight is pruned (a stable sort), on every device
+    scores = torch.tensor([[1.0, 1.0, 1.0, 1.0, 4.0, 1.0, 1.0, 1.0]])
+    assert select(scores, NM(2, 4)).tolist() == [[False, False, True, True, True, False, False, True]]
+    assert select(scores, NM(1, 4)).tolist() == [[False, False, False, True, True, False, False, False]]
+    assert select(scores[:, :4], Unstructured(0.5)).tolist() == [[False, False, True, True]]
+
+
 def test_parse_pattern():
     assert parse_pattern("2:4") == NM(2, 4)
     assert parse_pattern("unstructured", 0.5) == Unstructured(0.5)

@@ -4,7 +4,8 @@ import torch
 from llmprune import NM, Unstructured
 from llmprune.guards import NumericalError, record_numerical_warnings
 from llmprune.methods import SparseGPT
-from llmprune.methods.sparsegpt import inverse_cholesky, pruned_errors
+from llmprune.errors import UsageError
+from llmprune.methods.sparsegpt import block_solver, inverse_cholesky, prune_block, pruned_errors
 from llmprune.patterns import select
 from llmprune.stats import Hessian
 
@@ -162,3 +163,143 @@ def test_layers_reading_one_input_share_one_inverse():
     first = stats["hessian"].memo[("inverse_cholesky", 0.01)][0]
     SparseGPT().prune(w * 2, stats, NM(2, 4))
     assert stats["hessian"].memo[("inverse_cholesky", 0.01)][0] is first
+
+
+# --- the Triton block kernel against the torch solver -------------------------------------------
+# Off a GPU the kernel runs in Triton's interpreter, which must be switched on before triton is first
+# imported: the interpreted cases run in one subprocess and the tests compare what it saved.
+
+KERNEL_PATTERNS = [NM(2, 4), NM(1, 4), NM(4, 8), Unstructured(0.5)]
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+HAND_H = torch.tensor([[2.0, 1.0], [1.0, 2.0]], dtype=torch.float64)  # H^-1 = [[2, -1], [-1, 2]] / 3
+HAND_W = torch.tensor([[1.0, 3.0], [4.0, 1.0]], dtype=torch.float64)
+TIE_W = torch.tensor([[1.0, -1.0, 1.0, -1.0, 2.0, 1.0, -1.0, 1.0]], dtype=torch.float64)
+
+
+def float64_problem(rows=40, cols=256, tokens=1024, seed=0, device="cpu"):
+    """Float64 weights and Hessian: no near-ties for rounding to flip, so both solvers give one mask."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(rows, cols, generator=g, dtype=torch.float64)
+    mix = torch.randn(cols, cols, generator=g, dtype=torch.float64) / cols**0.5
+    x = torch.randn(tokens, cols, generator=g, dtype=torch.float64) @ (torch.eye(cols, dtype=torch.float64) + mix)
+    return w.to(device), (2 * x.T @ x / tokens).to(device)
+
+
+def kernel_cases() -> dict:
+    """name -> (weight, Hessian, pattern, SparseGPT fields) of every interpreted case."""
+    cases = {f"random {p}": (*float64_problem(), p, {}) for p in KERNEL_PATTERNS}
+    for p in (NM(2, 4), Unstructured(0.5)):  # 72 = 48 + 24: a last block narrower than a power of two
+        cases[f"narrow {p}"] = (*float64_problem(rows=37, cols=72, seed=2), p, {"blocksize": 48})
+    cases["hand"] = (HAND_W, HAND_H, NM(1, 2), {"damp": 0.0})
+    cases["ties"] = (TIE_W, torch.eye(8, dtype=torch.float64), NM(2, 4), {})
+    return cases
+
+
+def run(case, solver):
+    w, h, pattern, fields = case
+    return SparseGPT(solver=solver, **fields).prune(w, {"hessian": FixedHessian(h)}, pattern)
+
+
+def save_kernel_results(path: str) -> None:
+    """Run in the interpreter's subprocess: the kernel's (weight, keep) of every case, to ``path``."""
+    torch.save({name: run(case, "triton") for name, case in kernel_cases().items()}, path)
+
+
+@pytest.fixture(scope="module")
+def interpreted(tmp_path_factory):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("triton")  # importing it here is harmless: only the subprocess interprets
+    out = tmp_path_factory.mktemp("kernel") / "results.pt"
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    code = f"from tests.test_sparsegpt import save_kernel_results; save_kernel_results({str(out)!r})"
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=Path(__file__).parents[1], timeout=600)
+    return torch.load(out)
+
+
+def nm_counts(keep, m):
+    return keep.reshape(keep.shape[0], -1, m).sum(-1)
+
+
+@pytest.mark.parametrize("name", [f"random {p}" for p in KERNEL_PATTERNS] + ["narrow 2:4", "narrow unstructured"])
+def test_kernel_matches_the_torch_solver_in_float64(interpreted, name):
+    case = kernel_cases()[name]
+    (kw, kk), (tw, tk) = interpreted[name], run(case, "torch")
+    assert kw.dtype == torch.float64
+    assert torch.equal(kk, tk)
+    assert torch.allclose(kw, tw, rtol=0, atol=1e-10)
+    assert (kw[~kk] == 0).all()
+    if isinstance(case[2], NM):
+        assert (nm_counts(kk, case[2].m) == case[2].n).all()
+
+
+# 1:2 without dampening; U (upper factor of H^-1): U00^2 = 2/3, U01 = -1/sqrt(6), U11^2 = 1/2.
+# Row 0 scores 1/(2/3) < 9/(1/2): prune w0, OBS moves w1 by w0 * -Hinv01/Hinv00 = +1/2 -> 3.5.
+# Row 1 scores 16/(2/3) > 1/(1/2): prune w1, the last column: nothing later to update.
+HAND_KEEP = [[False, True], [True, False]]
+HAND_RESULT = torch.tensor([[0.0, 3.5], [4.0, 0.0]], dtype=torch.float64)
+
+
+def test_hand_checked_update_torch_solver():
+    new_w, keep = run(kernel_cases()["hand"], "torch")
+    assert keep.tolist() == HAND_KEEP
+    assert torch.allclose(new_w, HAND_RESULT, atol=1e-12)
+
+
+def test_hand_checked_update_kernel(interpreted):
+    new_w, keep = interpreted["hand"]
+    assert keep.tolist() == HAND_KEEP
+    assert torch.allclose(new_w, HAND_RESULT, atol=1e-12)
+
+
+# an identity Hessian: U is diagonal with one value, nothing is updated, scores are w^2: 1 1 1 1, then 4 1 1 1
+TIE_KEEP = [[False, False, True, True, True, False, False, True]]  # among equal scores the earlier is pruned
+
+
+def test_ties_break_by_position_torch_solver():
+    new_w, keep = run(kernel_cases()["ties"], "torch")
+    assert keep.tolist() == TIE_KEEP
+    assert torch.equal(new_w, TIE_W * keep)
+
+
+def test_ties_break_by_position_kernel(interpreted):
+    new_w, keep = interpreted["ties"]
+    assert keep.tolist() == TIE_KEEP
+    assert torch.equal(new_w, TIE_W * keep)
+
+
+def test_auto_solver_uses_torch_for_cpu_tensors():
+    assert block_solver("auto", torch.zeros(2, 2)) is prune_block
+    with pytest.raises(UsageError, match="solver"):
+        SparseGPT(solver="cuda")
+
+
+def both_solvers(w, h, pattern):
+    return run((w, h, pattern, {}), "triton"), run((w, h, pattern, {}), "torch")
+
+
+@pytest.mark.parametrize("pattern", KERNEL_PATTERNS)
+@pytest.mark.gpu
+@needs_cuda
+def test_kernel_matches_the_torch_solver_on_gpu_in_float64(pattern):
+    pytest.importorskip("triton")
+    w, h = float64_problem(rows=200, cols=512, tokens=2048, seed=4, device="cuda")
+    (kw, kk), (tw, tk) = both_solvers(w, h, pattern)
+    assert torch.equal(kk, tk)
+    assert torch.allclose(kw, tw, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("pattern", KERNEL_PATTERNS)
+@pytest.mark.gpu
+@needs_cuda
+def test_kernel_agrees_with_the_torch_solver_on_gpu_in_float32(pattern):
+    pytest.importorskip("triton")
+    w, h = float64_problem(rows=1024, cols=1024, tokens=4096, seed=6, device="cuda")
+    (kw, kk), (tw, tk) = both_solvers(w.float(), h.float(), pattern)
+    assert (kk == tk).float().mean() >= 0.99
+    assert (kw[~kk] == 0).all() and torch.isfinite(kw).all()
+    if isinstance(pattern, NM):
+        assert (nm_counts(kk, pattern.m) == pattern.n).all()

@@ -90,7 +90,8 @@ def select(scores: torch.Tensor, pattern: Pattern, scope: Scope = "row") -> torc
 
     ``scope`` applies to unstructured patterns only; an ``Unstructured.scope`` set by the
     user wins over the method's default passed here. Exact counts: ``int(n * sparsity)``
-    weights are pruned per comparison group; ties are broken by position (stable sort).
+    weights are pruned per comparison group (``m - n`` per N:M group). Ties are broken by
+    position, the same way on every device: among equal scores the earlier one is pruned.
     """
     if isinstance(pattern, NM):
         return _select_nm(scores, pattern)
@@ -102,7 +103,7 @@ def select(scores: torch.Tensor, pattern: Pattern, scope: Scope = "row") -> torc
 
 
 def _prune_lowest(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Per row of a 2-D tensor, mark the ``k`` lowest scores as pruned (False)."""
+    """Per row of a 2-D tensor, mark the ``k`` lowest scores as pruned (False); a stable sort breaks ties."""
     keep = torch.ones_like(scores, dtype=torch.bool)
     if k > 0:
         idx = torch.sort(scores, dim=1, stable=True).indices[:, :k]
@@ -111,11 +112,6 @@ def _prune_lowest(scores: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def _select_nm(scores: torch.Tensor, pattern: NM) -> torch.Tensor:
-    rows, cols = scores.shape
-    groups = scores.reshape(rows, cols // pattern.m, pattern.m)
-    keep = torch.ones_like(groups, dtype=torch.bool)
-    n_prune = pattern.m - pattern.n
-    if n_prune > 0:
-        idx = torch.topk(groups, n_prune, dim=-1, largest=False, sorted=False).indices
-        keep.scatter_(-1, idx, False)
-    return keep.reshape(rows, cols)
+    """Every M consecutive scores of a row are one group of ``_prune_lowest``."""
+    groups = scores.reshape(-1, pattern.m)
+    return _prune_lowest(groups, pattern.m - pattern.n).reshape(scores.shape)

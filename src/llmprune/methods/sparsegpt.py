@@ -4,12 +4,19 @@ Column blocks of ``blocksize``; within a block the unstructured mask compares
 w^2 / [H^-1]_jj^2 across the block, an N:M mask is chosen every M columns from the
 weights as updated so far; each pruned column's error is spread over the later columns.
 
-The paper's column-by-column update is computed in closed form: with U the upper Cholesky
-factor of H^-1 restricted to the block, the errors E of one row solve the triangular system
-E_S U_SS = W_S over that row's pruned columns S (forward substitution is exactly the
-column loop). On a GPU all rows are solved in one batched triangular solve, so a block costs
-a few large kernels instead of several small ones per column; on a CPU, where launches are
-cheap and memory traffic is not, wide blocks use the column loop itself.
+With U the upper Cholesky factor of H^-1 restricted to the block, the rows of a block are
+independent: the errors E of one row solve E_S U_SS = W_S over that row's pruned columns S
+(forward substitution is exactly the column loop). Two solvers of a block:
+
+- ``triton`` (CUDA tensors, where triton imports): one kernel per block, each program walks
+  the columns for a tile of rows held in registers (``sparsegpt_kernel``);
+- ``torch``: on a GPU all rows are solved in one batched triangular solve (per block, or per
+  N:M group); on a CPU, where launches are cheap and memory traffic is not, wide blocks use
+  the column loop itself.
+
+``solver="auto"`` takes triton for CUDA tensors when it imports, else torch. Both give the
+same masks and weights up to floating-point rounding; weights are updated in float32 (float64
+weights in float64).
 """
 
 from __future__ import annotations
@@ -20,10 +27,12 @@ from typing import Mapping
 
 import torch
 
+from ..errors import UsageError
 from ..guards import NumericalError, NumericalWarning
 from ..patterns import NM, Pattern, select
 
 _SOLVE_ELEMENTS = 1 << 25  # rows of a batched solve are chunked to about this many matrix entries
+SOLVERS = ("auto", "triton", "torch")
 
 
 @dataclass(frozen=True)
@@ -33,6 +42,11 @@ class SparseGPT:
     default_scope = "matrix"  # of each column block, as in the paper
     blocksize: int = 128
     damp: float = 0.01
+    solver: str = "auto"  # "auto" | "triton" | "torch": how a block is solved (same result up to rounding)
+
+    def __post_init__(self) -> None:
+        if self.solver not in SOLVERS:
+            raise UsageError(f"SparseGPT.solver must be one of {', '.join(SOLVERS)}, got {self.solver!r}")
 
     def settings(self) -> dict:
         return {"blocksize": self.blocksize, "damp": self.damp}
@@ -40,35 +54,66 @@ class SparseGPT:
     def prune(
         self, weight: torch.Tensor, stats: Mapping[str, object], pattern: Pattern
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        w = weight.float().clone()
+        w = weight.to(torch.promote_types(weight.dtype, torch.float32)).clone()
         hinv, dead = inverse_cholesky(stats["hessian"], self.damp)
+        hinv = hinv.to(w.dtype)
         w[:, dead] = 0.0
-        cols = w.shape[1]
         keep = torch.ones_like(w, dtype=torch.bool)
-        nm = isinstance(pattern, NM)
-        bs = self.blocksize
-        if nm and bs % pattern.m:
-            bs = pattern.m * max(1, bs // pattern.m)
-        for i1 in range(0, cols, bs):
-            i2 = min(i1 + bs, cols)
-            u = hinv[i1:i2, i1:i2]
-            w1, keep1 = w[:, i1:i2], keep[:, i1:i2]
-            err = torch.empty_like(w1)
-            if not nm:
+        solve = block_solver(self.solver, w)
+        bs = block_width(self.blocksize, pattern)
+        for i1 in range(0, w.shape[1], bs):
+            i2 = min(i1 + bs, w.shape[1])
+            u, w1, keep1 = hinv[i1:i2, i1:i2], w[:, i1:i2], keep[:, i1:i2]
+            if not isinstance(pattern, NM):
                 keep1.copy_(select(w1.pow(2) / u.diagonal().pow(2).unsqueeze(0), pattern, self.default_scope))
-            step = pattern.m if nm else i2 - i1
-            for a in range(0, i2 - i1, step):
-                b = a + step
-                sub, u_sub = w1[:, a:b], u[a:b, a:b]
-                if nm:  # chosen from the weights as updated by all earlier columns
-                    keep1[:, a:b] = select(sub.pow(2) / u_sub.diagonal().pow(2).unsqueeze(0), pattern)
-                e = pruned_errors(sub, ~keep1[:, a:b], u_sub)
-                err[:, a:b] = e
-                sub.sub_(e @ u_sub).mul_(keep1[:, a:b])
-                if b < i2 - i1:
-                    w1[:, b:] -= e @ u[a:b, b:]
+            err = solve(w1, keep1, u, pattern)
             w[:, i2:] -= err @ hinv[i1:i2, i2:]
         return w.to(weight.dtype), keep
+
+
+def block_width(blocksize: int, pattern: Pattern) -> int:
+    """``blocksize``, rounded down to a multiple of M for N:M (at least M)."""
+    if isinstance(pattern, NM) and blocksize % pattern.m:
+        return pattern.m * max(1, blocksize // pattern.m)
+    return blocksize
+
+
+def block_solver(solver: str, w: torch.Tensor):
+    """The function that prunes one block in place: ``(w1, keep1, u, pattern) -> errors``."""
+    if solver == "torch" or (solver == "auto" and not (w.is_cuda and triton_kernel() is not None)):
+        return prune_block
+    kernel = triton_kernel()
+    if kernel is None:
+        raise UsageError("SparseGPT.solver='triton' needs the triton package (it comes with CUDA builds of torch)")
+    return kernel.prune_block
+
+
+def triton_kernel():
+    """The Triton block kernel module, or None where triton does not import."""
+    try:
+        from . import sparsegpt_kernel
+    except ImportError:
+        return None
+    return sparsegpt_kernel
+
+
+def prune_block(w1: torch.Tensor, keep1: torch.Tensor, u: torch.Tensor, pattern: Pattern) -> torch.Tensor:
+    """Torch solver of one block, in place: N:M masks chosen per group of M columns (written to
+    ``keep1``), an unstructured mask read from ``keep1``; returns the errors of the pruned columns."""
+    err = torch.empty_like(w1)
+    width = w1.shape[1]
+    step = pattern.m if isinstance(pattern, NM) else width
+    for a in range(0, width, step):
+        b = a + step
+        sub, u_sub = w1[:, a:b], u[a:b, a:b]
+        if isinstance(pattern, NM):  # chosen from the weights as updated by all earlier columns
+            keep1[:, a:b] = select(sub.pow(2) / u_sub.diagonal().pow(2).unsqueeze(0), pattern)
+        e = pruned_errors(sub, ~keep1[:, a:b], u_sub)
+        err[:, a:b] = e
+        sub.sub_(e @ u_sub).mul_(keep1[:, a:b])
+        if b < width:
+            w1[:, b:] -= e @ u[a:b, b:]
+    return err
 
 
 def pruned_errors(w: torch.Tensor, pruned: torch.Tensor, u: torch.Tensor, batched: bool | None = None) -> torch.Tensor:
@@ -135,6 +180,7 @@ def _factorise(matrix: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.T
         if int(info) == 0:
             upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(factor), upper=True)
             if int(info) == 0 and bool(torch.isfinite(upper).all()):
+                upper = upper.contiguous()  # row-major: the block kernel reads rows of it
                 note = None
                 if attempt:
                     note = f"Hessian not positive definite with dampening {damp:g}; factorised with {used:g}"
