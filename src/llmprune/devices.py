@@ -89,18 +89,27 @@ def deterministic(device: torch.device):
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = before[2], before[3]
 
 
+def _cuda_in_use() -> bool:
+    """True once this process has initialised CUDA. Before that no GPU memory was allocated, and torch's
+    allocator statistics refuse every device (``RuntimeError: Invalid device argument``)."""
+    return torch.cuda.is_available() and torch.cuda.is_initialized()
+
+
 def reset_peak_memory() -> None:
-    if torch.cuda.is_available():
+    """Start the GPUs' peak-memory counters afresh; nothing to do before CUDA is initialised."""
+    if _cuda_in_use():
         for i in range(torch.cuda.device_count()):
             torch.cuda.reset_peak_memory_stats(i)
 
 
 def peak_memory_bytes() -> dict[str, int | None]:
-    """Peak resident memory of this process, and peak allocated GPU memory summed over GPUs."""
+    """Peak resident memory of this process, and peak allocated GPU memory summed over GPUs (None: no GPU)."""
     cpu = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
     gpu = None
-    if torch.cuda.is_available():
+    if _cuda_in_use():
         gpu = sum(torch.cuda.max_memory_allocated(i) for i in range(torch.cuda.device_count()))
+    elif torch.cuda.is_available():
+        gpu = 0  # CUDA never initialised: this process allocated nothing on a GPU
     return {"cpu": cpu, "gpu": gpu}
 
 
