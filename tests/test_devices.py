@@ -46,3 +46,13 @@ def test_no_gpu_reports_none(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     devices.reset_peak_memory()
     assert devices.peak_memory_bytes()["gpu"] is None
+
+
+def test_cpu_record_names_what_decides_rounding():
+    with devices.deterministic(torch.device("cpu")) as info:
+        pass
+    assert info["cpu_threads"] == torch.get_num_threads()
+    assert info["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert info["blas"] and info["cpu_model"]  # e.g. "mkl", "Intel(R) Xeon(R) Processor"
+    if torch.backends.mkldnn.is_available():
+        assert info["onednn"].startswith("v")

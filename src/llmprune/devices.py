@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
+import platform
+import re
 import resource
 import warnings
 from pathlib import Path
@@ -52,17 +55,43 @@ def resolve_dtype(spec: str, device: torch.device) -> torch.dtype:
     return DTYPES[spec]
 
 
+@functools.lru_cache(maxsize=1)
+def cpu_numerics() -> dict:
+    """What decides CPU rounding besides torch's version and thread count: the processor, the kernel set
+    torch dispatches to (``cpu_capability``, e.g. AVX512 or AVX2), and the BLAS and oneDNN it was built with.
+
+    MKL and torch's vectorised kernels choose their code path by processor, so the same build can round
+    differently on another CPU model (an AMD EPYC and an Intel Xeon do).
+    """
+    config = torch.__config__.show()
+
+    def found(pattern: str) -> str | None:
+        m = re.search(pattern, config)
+        return m.group(1).strip() if m else None
+
+    model = None
+    with contextlib.suppress(OSError):
+        m = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.MULTILINE)
+        model = m.group(1).strip() if m else None
+    return {"cpu_model": model or platform.processor() or None,
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "blas": found(r"BLAS_INFO=([^,\s]+)"),
+            "mkl": found(r"Math Kernel Library Version ([^\s-]+)"),
+            "onednn": found(r"MKL-DNN (v[\d.]+)") if torch.backends.mkldnn.is_available() else None}
+
+
 @contextlib.contextmanager
 def deterministic(device: torch.device):
     """Deterministic algorithms where torch has them, for the duration; yields a dict for the report.
 
-    CPU: torch's kernels are deterministic for one build and thread count (both recorded). CUDA:
+    CPU: torch's kernels are deterministic for one build, thread count and processor model (all
+    recorded, with the kernel set and BLAS that ``cpu_numerics`` reports). CUDA:
     ``torch.use_deterministic_algorithms(True, warn_only=True)`` and cuDNN in deterministic mode;
     every operation that torch reports as having no deterministic implementation is listed under
     ``nondeterministic`` and ``deterministic`` is then False.
     """
     info: dict = {"device": device.type, "deterministic": True, "torch": torch.__version__,
-                  "cpu_threads": torch.get_num_threads()}
+                  "cpu_threads": torch.get_num_threads(), **cpu_numerics()}
     if device.type != "cuda":
         yield info
         return
