@@ -1,7 +1,6 @@
 """devices: the GPU memory counters in a process that has not initialised CUDA (checked on CPU by
 standing in for torch.cuda), and the reproducibility record."""
 
-import pytest
 import torch
 
 from llmprune import devices
