@@ -1,6 +1,10 @@
 """The command line end to end on a tiny saved model (bad input: test_bad_input.py)."""
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -8,7 +12,9 @@ import torch
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
-from llmprune.cli import app
+import llmprune
+from llmprune.cli import app, run
+from llmprune.methods.magnitude import Magnitude
 from llmprune.integrity import MANIFEST_NAME, state_sha256
 
 runner = CliRunner()
@@ -62,3 +68,71 @@ def test_calib_tokens_used_exactly(tiny_folder, tmp_path):
     report = json.loads(rep.read_text())
     assert report["calibration"]["source"] == "tokens" and report["calibration"]["nsamples"] == 3
     assert report["pattern"] == "2:4" and report["sparsity_target"] == 0.5
+
+
+def boom(*args, **kwargs):
+    raise RuntimeError("kernel failed\nwith a second line")
+
+
+def prune_args(folder):
+    return ["prune", "--model", str(folder), "--method", "magnitude", "--eval", "", "--no-progress", "--device", "cpu",
+            "--dtype", "float32"]
+
+
+def stderr_lines(text):
+    return [line for line in text.splitlines() if line.strip()]
+
+
+def test_unexpected_error_is_one_line(tiny_folder, monkeypatch, capsys):
+    monkeypatch.setattr(Magnitude, "score", boom)  # fails deep inside the pruning of block 0
+    assert run(prune_args(tiny_folder)) == 1
+    lines = stderr_lines(capsys.readouterr().err)
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("error: llmprune prune failed in llmprune/")
+    assert "RuntimeError: kernel failed with a second line; run again with --debug for the traceback" in lines[0]
+
+
+def test_debug_prints_the_traceback(tiny_folder, monkeypatch, capsys):
+    monkeypatch.setattr(Magnitude, "score", boom)
+    assert run(["--debug", *prune_args(tiny_folder)]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err and "in boom" in err
+    assert stderr_lines(err)[-1].startswith("error: llmprune prune failed") and "--debug" not in stderr_lines(err)[-1]
+
+
+def test_usage_error_and_interrupt_keep_their_exit_codes(tiny_folder, monkeypatch, capsys):
+    assert run([*prune_args(tiny_folder), "--pattern", "3:2"]) == 2
+    assert stderr_lines(capsys.readouterr().err)[0].startswith("error: --pattern")
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Magnitude, "score", interrupt)
+    assert run(prune_args(tiny_folder)) == 130
+
+
+FAILING_KERNEL = """import torch.nn.functional as F
+
+def linear(*args, **kwargs):
+    raise RuntimeError("injected kernel failure")
+
+F.linear = linear
+"""
+
+
+def test_installed_command_prints_one_line_then_the_traceback_with_debug(tiny_folder, tmp_path, ddir):
+    """The user's path: the `llmprune` script in a fresh process; every Linear's kernel fails (injected at start-up)."""
+    (tmp_path / "inject").mkdir()
+    (tmp_path / "inject" / "sitecustomize.py").write_text(FAILING_KERNEL)
+    src = Path(llmprune.__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path / "inject"), str(src)]), "LLMPRUNE_DEBUG": ""}
+    command = [str(Path(sys.executable).with_name("llmprune")), "eval", "--model", str(tiny_folder), "--eval-seqlen",
+               "32", "--max-eval-windows", "1", "--data-dir", str(ddir), "--no-progress", "--device", "cpu"]
+    res = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 1, res.stderr
+    (line,) = stderr_lines(res.stderr)
+    assert line.startswith("error: llmprune eval failed") and line.endswith(
+        ": RuntimeError: injected kernel failure; run again with --debug for the traceback")
+    res = subprocess.run(command, env={**env, "LLMPRUNE_DEBUG": "1"}, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 1
+    assert "Traceback (most recent call last)" in res.stderr and "injected kernel failure" in res.stderr

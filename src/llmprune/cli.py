@@ -6,11 +6,13 @@ import json
 import shutil
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from .errors import UsageError
@@ -30,6 +32,18 @@ TrustOpt = typer.Option(False, "--trust-remote-code", help="Allow a hub model's 
 ProgressOpt = typer.Option(True, "--progress/--no-progress", help="Progress bars on stderr.")
 LimitOpt = typer.Option(None, "--limit", help="Zero-shot: only the first N examples of each task.")
 ZsBatchOpt = typer.Option(None, "--eval-batch-size", help="Zero-shot: requests per forward pass (default 1 on CPU, 16 on GPU).")
+
+
+_session = {"debug": False, "command": None}  # set by the global options, read by run() when a command fails
+
+
+@app.callback()
+def _global_options(
+    ctx: typer.Context,
+    debug: bool = typer.Option(False, "--debug", envvar="LLMPRUNE_DEBUG",
+                               help="On an unexpected error, print the full traceback (also LLMPRUNE_DEBUG=1)."),
+) -> None:
+    _session.update(debug=debug, command=ctx.invoked_subcommand)
 
 
 def _fail(exc: Exception) -> None:
@@ -457,16 +471,25 @@ def bench_cmd(
 
 
 def run(argv: list[str] | None = None) -> int:
-    """Run the command line on ``argv``; every usage error, typer's own included, is one ``error:`` line."""
+    """Run the command line on ``argv``; returns the exit code.
+
+    Every usage error, typer's own included, is one ``error:`` line (exit 2); any other exception is one
+    ``error:`` line naming the command, the place and the exception (exit 1; the traceback with --debug);
+    Ctrl-C exits with 130.
+    """
     try:  # typer >= 0.2x carries its own click
         from typer import TyperException as ParseError
     except ImportError:
         from click import ClickException as ParseError
 
+    _session.update(debug=False, command=None)
     try:
         code = app(args=argv, prog_name="llmprune", standalone_mode=False)
     except typer.Abort:
         return 130
+    except UsageError as exc:  # a command that let one through
+        console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        return 2
     except ParseError as exc:
         ctx = getattr(exc, "ctx", None)
         command = f" {ctx.info_name}" if ctx is not None and ctx.parent is not None else ""
@@ -474,7 +497,34 @@ def run(argv: list[str] | None = None) -> int:
         if text:  # (empty: the help was shown because no arguments were given)
             console.print(f"[bold red]error:[/] {text}; see llmprune{command} --help", highlight=False, soft_wrap=True)
         return 2
+    except Exception as exc:
+        _unexpected(exc)
+        return 1
     return code if isinstance(code, int) else 0
+
+
+def _unexpected(exc: Exception) -> None:
+    """An error that is not the user's: one line naming the command, the place and the exception; the
+    traceback too with --debug."""
+    if _session["debug"]:
+        traceback.print_exception(exc, file=sys.stderr)
+    command = " ".join(filter(None, ["llmprune", _session["command"]]))
+    text = " ".join(str(exc).split()) or "(no message)"
+    if len(text) > 500:
+        text = text[:500] + "..."
+    hint = "" if _session["debug"] else "; run again with --debug for the traceback"
+    console.print(f"[bold red]error:[/] {escape(f'{command} failed{_where(exc)}: {type(exc).__name__}: {text}{hint}')}",
+                  highlight=False, soft_wrap=True)
+
+
+def _where(exc: BaseException) -> str:
+    """`` in module.py:LINE (function)`` for the innermost frame of this package, or ''."""
+    package = Path(__file__).resolve().parent
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if Path(f.filename).resolve().is_relative_to(package)]
+    if not frames:
+        return ""
+    f = frames[-1]
+    return f" in {Path(f.filename).resolve().relative_to(package.parent)}:{f.lineno} ({f.name})"
 
 
 def main() -> None:

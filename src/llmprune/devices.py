@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
+import platform
+import re
 import resource
 import warnings
 from pathlib import Path
@@ -52,17 +55,43 @@ def resolve_dtype(spec: str, device: torch.device) -> torch.dtype:
     return DTYPES[spec]
 
 
+@functools.lru_cache(maxsize=1)
+def cpu_numerics() -> dict:
+    """What decides CPU rounding besides torch's version and thread count: the processor, the kernel set
+    torch dispatches to (``cpu_capability``, e.g. AVX512 or AVX2), and the BLAS and oneDNN it was built with.
+
+    MKL and torch's vectorised kernels choose their code path by processor, so the same build can round
+    differently on another CPU model (an AMD EPYC and an Intel Xeon do).
+    """
+    config = torch.__config__.show()
+
+    def found(pattern: str) -> str | None:
+        m = re.search(pattern, config)
+        return m.group(1).strip() if m else None
+
+    model = None
+    with contextlib.suppress(OSError):
+        m = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.MULTILINE)
+        model = m.group(1).strip() if m else None
+    return {"cpu_model": model or platform.processor() or None,
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "blas": found(r"BLAS_INFO=([^,\s]+)"),
+            "mkl": found(r"Math Kernel Library Version ([^\s-]+)"),
+            "onednn": found(r"MKL-DNN (v[\d.]+)") if torch.backends.mkldnn.is_available() else None}
+
+
 @contextlib.contextmanager
 def deterministic(device: torch.device):
     """Deterministic algorithms where torch has them, for the duration; yields a dict for the report.
 
-    CPU: torch's kernels are deterministic for one build and thread count (both recorded). CUDA:
+    CPU: torch's kernels are deterministic for one build, thread count and processor model (all
+    recorded, with the kernel set and BLAS that ``cpu_numerics`` reports). CUDA:
     ``torch.use_deterministic_algorithms(True, warn_only=True)`` and cuDNN in deterministic mode;
     every operation that torch reports as having no deterministic implementation is listed under
     ``nondeterministic`` and ``deterministic`` is then False.
     """
     info: dict = {"device": device.type, "deterministic": True, "torch": torch.__version__,
-                  "cpu_threads": torch.get_num_threads()}
+                  "cpu_threads": torch.get_num_threads(), **cpu_numerics()}
     if device.type != "cuda":
         yield info
         return
@@ -89,18 +118,27 @@ def deterministic(device: torch.device):
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = before[2], before[3]
 
 
+def _cuda_in_use() -> bool:
+    """True once this process has initialised CUDA. Before that no GPU memory was allocated, and torch's
+    allocator statistics refuse every device (``RuntimeError: Invalid device argument``)."""
+    return torch.cuda.is_available() and torch.cuda.is_initialized()
+
+
 def reset_peak_memory() -> None:
-    if torch.cuda.is_available():
+    """Start the GPUs' peak-memory counters afresh; nothing to do before CUDA is initialised."""
+    if _cuda_in_use():
         for i in range(torch.cuda.device_count()):
             torch.cuda.reset_peak_memory_stats(i)
 
 
 def peak_memory_bytes() -> dict[str, int | None]:
-    """Peak resident memory of this process, and peak allocated GPU memory summed over GPUs."""
+    """Peak resident memory of this process, and peak allocated GPU memory summed over GPUs (None: no GPU)."""
     cpu = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
     gpu = None
-    if torch.cuda.is_available():
+    if _cuda_in_use():
         gpu = sum(torch.cuda.max_memory_allocated(i) for i in range(torch.cuda.device_count()))
+    elif torch.cuda.is_available():
+        gpu = 0  # CUDA never initialised: this process allocated nothing on a GPU
     return {"cpu": cpu, "gpu": gpu}
 
 
