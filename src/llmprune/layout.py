@@ -1,0 +1,98 @@
+"""The dense output's files: one safetensors shard per decoder block, a stem shard, and the index.
+
+A block shard holds the block's state (parameters and persistent buffers) under the model's full
+state-dict names (``model.layers.7.self_attn.q_proj.weight``); the stem shard holds every other
+tensor except tied duplicates (a tied ``lm_head``), as ``save_pretrained`` leaves them out. In-memory
+and streamed runs write the same files, and ``from_pretrained`` loads them. Models whose
+``save_pretrained`` would write other names than their state dict (transformers renames some on
+save) are detected by ``direct_layout_supported`` and saved with ``save_pretrained`` instead.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+from safetensors.torch import save
+from torch import nn
+
+from .integrity import write_bytes_atomic
+from .models import find_decoder
+
+INDEX = "model.safetensors.index.json"
+STEM = "model-stem.safetensors"
+
+
+def shard_name(index: int) -> str:
+    return f"model-block-{index:05d}.safetensors"
+
+
+def block_prefixes(model: nn.Module) -> list[str]:
+    names = {id(m): n for n, m in model.named_modules()}
+    return [names[id(b)] for b in find_decoder(model)[1]]
+
+
+def block_state(block: nn.Module, prefix: str) -> dict[str, torch.Tensor]:
+    """A CPU snapshot of a block's parameters and persistent buffers under their full names."""
+    return {f"{prefix}.{n}": t.detach().to("cpu").contiguous() for n, t in block.state_dict().items()}
+
+
+def local_state(saved: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The tensors of one block shard under the block's own names."""
+    return {n[len(prefix) + 1:]: t for n, t in saved.items()}
+
+
+def tied_names(model: nn.Module) -> set[str]:
+    """Parameter names that are a second name of an earlier parameter (e.g. a tied lm_head)."""
+    seen, tied = set(), set()
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in seen:
+            tied.add(name)
+        seen.add(id(param))
+    return tied
+
+
+def stem_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every state-dict tensor outside the decoder blocks, without tied duplicates (blocks may be on meta)."""
+    prefixes = tuple(f"{p}." for p in block_prefixes(model))
+    tied = tied_names(model)
+    return {n: t.detach().to("cpu").contiguous() for n, t in model.state_dict().items()
+            if not n.startswith(prefixes) and n not in tied}
+
+
+def serialise(tensors: dict[str, torch.Tensor]) -> tuple[bytes, dict]:
+    """The safetensors bytes of ``tensors`` and their record (sha256, size, tensor names)."""
+    data = save(tensors, metadata={"format": "pt"})
+    return data, {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data), "tensors": sorted(tensors)}
+
+
+def write_shard(path: Path, tensors: dict[str, torch.Tensor]) -> dict:
+    data, record = serialise(tensors)
+    write_bytes_atomic(path, data)
+    return record
+
+
+def index_payload(shards: dict[str, dict]) -> dict:
+    weight_map = {name: file for file, rec in shards.items() for name in rec["tensors"]}
+    return {"metadata": {"total_size": sum(rec["bytes"] for rec in shards.values())},
+            "weight_map": dict(sorted(weight_map.items()))}
+
+
+def direct_layout_supported(model: nn.Module) -> bool:
+    """True when ``save_pretrained`` would write exactly the names the block and stem shards hold."""
+    if getattr(model, "_keys_to_ignore_on_save", None) or _remote_code(model):
+        return False
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+
+        with torch.device("meta"):
+            names = {n: torch.empty(0) for n in model.state_dict()}
+        return set(revert_weight_conversion(model, dict(names))) == set(names)
+    except Exception:  # an API this transformers does not have, or a conversion that needs real tensors
+        return False
+
+
+def _remote_code(model: nn.Module) -> bool:
+    check = getattr(model, "is_remote_code", None)
+    return bool(check()) if callable(check) else False
