@@ -83,7 +83,7 @@ def _print_summary(report: dict) -> None:
     t = report["time"]
     Console().print(
         f"sparsity {report['sparsity_overall']:.4f} (target {report['sparsity_target']:.4f}) | "
-        f"load {t['load_s']:.1f}s  prune {t['prune_s']:.1f}s  eval {t['eval_s']:.1f}s | "
+        f"load {t['load_s']:.1f}s  prune {t['prune_s']:.1f}s  save {t.get('save_s', 0.0):.1f}s  eval {t['eval_s']:.1f}s | "
         f"{report['device']} {report['dtype']}",
         highlight=False,
     )
@@ -130,8 +130,9 @@ def prune(
 ) -> None:
     """Prune a model in one shot, evaluating it before and after.
 
-    With --out, progress is saved after every block in a hidden sibling folder; running the same
-    command again after a crash or Ctrl-C continues from the last finished block.
+    With --out, the output is built in a hidden sibling folder, one shard per block written as the
+    run goes; that is also the saved progress: running the same command again after a crash or
+    Ctrl-C continues from the last finished block (streamed and torchrun runs too).
     Under `torchrun --nproc-per-node K -m llmprune prune ...` the calibration batches are split over
     the K processes (one GPU each) and their statistics summed; rank 0 evaluates, reports and saves.
     """
