@@ -32,7 +32,9 @@ from llmprune.integrity import MANIFEST_NAME, REPORT_NAME
 
 TINY = os.environ.get("OUT_COST_TINY") == "1"
 VOCAB = 32000
-WRAP = ("import sys\nfrom llmprune import cli\ntry:\n    cli.main()\nfinally:\n"
+WRAP = ("import sys\nimport torch\nfrom llmprune import cli\n"
+        "if torch.cuda.is_available():\n    torch.empty(1, device='cuda')  # CUDA's allocator up before the peak reset\n"
+        "try:\n    cli.main()\nfinally:\n"
         "    sys.stderr.write('\\nWCHAR ' + [l for l in open('/proc/self/io') if l.startswith('wchar')][0])\n")
 
 

@@ -128,3 +128,21 @@ def test_out_writes_the_weights_once(tiny_folder, tmp_path, ddir):
     assert report["bytes_written"] <= written <= 1.2 * size, (report["bytes_written"], written, size)
     assert report["time"]["save_s"] >= 0
     print(f"bytes written {written} (report: {report['bytes_written']}), output {size}")
+
+
+def test_shards_are_safetensors_files_with_their_sha256(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from llmprune.integrity import file_sha256
+
+    tensors = {"b.w": torch.randn(3, 5).bfloat16(), "a.w": torch.randn(7), "n": torch.tensor(3),
+               "m": torch.tensor([True, False, True]), "h": torch.randn(2, 2).half()}
+    record = layout.write_shard(tmp_path / "x.safetensors", tensors)
+    loaded = load_file(tmp_path / "x.safetensors")
+    assert loaded.keys() == tensors.keys() and all(torch.equal(loaded[k], tensors[k]) for k in tensors)
+    assert all(loaded[k].dtype == tensors[k].dtype and loaded[k].shape == tensors[k].shape for k in tensors)
+    with safe_open(str(tmp_path / "x.safetensors"), "pt") as f:
+        assert f.metadata() == {"format": "pt"}
+    assert record["sha256"] == file_sha256(tmp_path / "x.safetensors")
+    assert record["bytes"] == (tmp_path / "x.safetensors").stat().st_size and record["tensors"] == sorted(tensors)

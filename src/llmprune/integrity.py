@@ -35,12 +35,15 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
-def write_bytes_atomic(path: Path, data: bytes) -> None:
-    """Temporary file beside ``path``, fsync, rename, fsync the folder: complete or absent."""
+def write_bytes_atomic(path: Path, data) -> None:
+    """Temporary file beside ``path``, fsync, rename, fsync the folder: complete or absent.
+
+    ``data``: bytes, or a list of buffers (bytes, memoryviews) written one after another."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as fh:
-            fh.write(data)
+            for chunk in data if isinstance(data, list) else [data]:
+                fh.write(chunk)  # large writes go straight to the file, without the GIL
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)

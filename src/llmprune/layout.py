@@ -11,10 +11,11 @@ save) are detected by ``direct_layout_supported`` and saved with ``save_pretrain
 from __future__ import annotations
 
 import hashlib
+import json
+import struct
 from pathlib import Path
 
 import torch
-from safetensors.torch import save
 from torch import nn
 
 from .integrity import write_bytes_atomic
@@ -33,9 +34,11 @@ def block_prefixes(model: nn.Module) -> list[str]:
     return [names[id(b)] for b in find_decoder(model)[1]]
 
 
-def block_state(block: nn.Module, prefix: str) -> dict[str, torch.Tensor]:
-    """A CPU snapshot of a block's parameters and persistent buffers under their full names."""
-    return {f"{prefix}.{n}": t.detach().to("cpu").contiguous() for n, t in block.state_dict().items()}
+def block_state(block: nn.Module, prefix: str, to_host=None) -> dict[str, torch.Tensor]:
+    """A CPU snapshot of a block's parameters and persistent buffers under their full names
+    (``to_host(tensor)`` makes each CPU copy; default ``.to("cpu")``)."""
+    to_host = to_host or (lambda t: t.detach().to("cpu").contiguous())
+    return {f"{prefix}.{n}": to_host(t) for n, t in block.state_dict().items()}
 
 
 def local_state(saved: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
@@ -61,16 +64,42 @@ def stem_state(model: nn.Module) -> dict[str, torch.Tensor]:
             if not n.startswith(prefixes) and n not in tied}
 
 
-def serialise(tensors: dict[str, torch.Tensor]) -> tuple[bytes, dict]:
-    """The safetensors bytes of ``tensors`` and their record (sha256, size, tensor names)."""
-    data = save(tensors, metadata={"format": "pt"})
-    return data, {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data), "tensors": sorted(tensors)}
+# safetensors' dtype names; tensors are laid out by element size, largest first, so every one is aligned
+_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+           torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+           torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2"}
+
+
+def _raw(t: torch.Tensor) -> memoryview:
+    return memoryview(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy())
+
+
+def safetensors_parts(tensors: dict[str, torch.Tensor]) -> list:
+    """A safetensors file (metadata ``format: pt``) as buffers: its header, then each tensor's memory.
+
+    The same format ``safetensors.torch.save`` writes, without copying the tensors into one bytes
+    object: writing and hashing the buffers release the GIL, so a background writer does not slow
+    the pruning thread."""
+    order = sorted(tensors, key=lambda n: (-tensors[n].element_size(), n))
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for name in order:
+        t = tensors[name]
+        size = t.numel() * t.element_size()
+        header[name] = {"dtype": _DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return [struct.pack("<Q", len(text)) + text, *(_raw(tensors[n]) for n in order)]
 
 
 def write_shard(path: Path, tensors: dict[str, torch.Tensor]) -> dict:
-    data, record = serialise(tensors)
-    write_bytes_atomic(path, data)
-    return record
+    """Write ``tensors`` as a safetensors file atomically; its record: sha256 (of the bytes written), size, names."""
+    parts = safetensors_parts(tensors)
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(part)
+    write_bytes_atomic(path, parts)
+    return {"sha256": digest.hexdigest(), "bytes": sum(len(p) for p in parts), "tensors": sorted(tensors)}
 
 
 def index_payload(shards: dict[str, dict]) -> dict:
