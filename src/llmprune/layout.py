@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -92,14 +93,23 @@ def safetensors_parts(tensors: dict[str, torch.Tensor]) -> list:
     return [struct.pack("<Q", len(text)) + text, *(_raw(tensors[n]) for n in order)]
 
 
-def write_shard(path: Path, tensors: dict[str, torch.Tensor]) -> dict:
-    """Write ``tensors`` as a safetensors file atomically; its record: sha256 (of the bytes written), size, names."""
-    parts = safetensors_parts(tensors)
+def _sha256(parts: list) -> str:
     digest = hashlib.sha256()
     for part in parts:
-        digest.update(part)
-    write_bytes_atomic(path, parts)
-    return {"sha256": digest.hexdigest(), "bytes": sum(len(p) for p in parts), "tensors": sorted(tensors)}
+        digest.update(part)  # releases the GIL on large buffers
+    return digest.hexdigest()
+
+
+def write_shard(path: Path, tensors: dict[str, torch.Tensor]) -> dict:
+    """Write ``tensors`` as a safetensors file atomically; its record: sha256 (of the bytes written), size, names.
+
+    The hash is computed in a second thread while the file is written (each about 1 GB/s on one core)."""
+    parts = safetensors_parts(tensors)
+    with ThreadPoolExecutor(1, thread_name_prefix="llmprune-sha256") as pool:
+        digest = pool.submit(_sha256, parts)
+        write_bytes_atomic(path, parts)
+        sha256 = digest.result()
+    return {"sha256": sha256, "bytes": sum(len(p) for p in parts), "tensors": sorted(tensors)}
 
 
 def index_payload(shards: dict[str, dict]) -> dict:
