@@ -2,8 +2,11 @@
 
 For each method: one uninterrupted `llmprune prune --out` run (the reference), then ``--kills``
 trials. Each trial starts the same command, waits until a chosen number of blocks is finished
-(read from the run's checkpoint), waits a further random fraction of a block's time, sends
-SIGKILL, checks that no output folder appeared, then runs the same command again to completion.
+(read from ``state.json`` in the run's work folder ``.OUT.llmprune-work``, which holds one
+safetensors shard per finished block and becomes the output), waits a further random fraction of a
+block's time, sends SIGKILL, checks that no output folder appeared and records the work folder's
+files, then runs the same command again to completion (it re-runs only the propagation forward of
+the finished blocks) and checks that no hidden sibling (work folder, temporary copy) is left.
 The resumed output must be bit-identical to the reference: same sha256 of the weights (recorded
 in the report) and of every file except the report. Targets are drawn without replacement from
 0..blocks (``blocks`` = killed while saving the output), seeded.
@@ -75,8 +78,13 @@ def kill_at(cmd: list[str], out: Path, target: int, delay: float, limit_s: float
     if not finished_first:
         os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
+    work = work_dir_for(out)
+    files = sorted(p.name for p in work.iterdir()) if work.is_dir() else []
     return {"killed_after_s": round(time.perf_counter() - t0, 3), "finished_before_kill": finished_first,
-            "blocks_done_at_kill": blocks_done(out), "output_absent_after_kill": not out.exists()}
+            "blocks_done_at_kill": blocks_done(out), "output_absent_after_kill": not out.exists(),
+            "work_files_at_kill": len(files),
+            "work_holds_only_shards_and_state": all(f == "state.json" or f.startswith(("model-", ".model-"))
+                                                    for f in files)}
 
 
 def main() -> None:
@@ -125,6 +133,7 @@ def main() -> None:
                 trial["weights_sha256"] = got["weights_sha256"]
                 trial["identical"] = got["weights_sha256"] == ref["weights_sha256"] and got["files"] == ref["files"]
                 trial["work_folder_removed"] = not work_dir_for(out).exists()
+                trial["hidden_siblings_left"] = sorted(p.name for p in work.iterdir() if p.name.startswith("."))
                 entry["trials"].append(trial)
                 print(f"{method} {pattern}: {trial}", flush=True)
                 shutil.rmtree(out, ignore_errors=True)

@@ -49,12 +49,13 @@ def _mamba_folder(tmp, tokenizer):
 
 
 def _no_space(monkeypatch):
-    def full(self, path, *args, **kwargs):
-        path.mkdir(parents=True, exist_ok=True)
-        (path / "model.safetensors").write_bytes(b"half a file")
+    """The disk fills up as the output is finished (its stem shard, after every block was saved)."""
+    from llmprune import export
+
+    def full(path, tensors):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(PreTrainedModel, "save_pretrained", full)
+    monkeypatch.setattr(export, "write_shard", full)
 
 
 # id -> (arguments after `prune` or a full argv starting with "eval"/"prune!", text the error line must hold).

@@ -1,4 +1,4 @@
-"""Blocks streamed from the safetensors files and written shard by shard give the in-memory result."""
+"""Blocks streamed from the safetensors files and saved shard by shard give the in-memory result."""
 
 import json
 
@@ -9,7 +9,8 @@ from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
 import llmprune
-from llmprune import streaming
+from llmprune import export, streaming
+from llmprune.checkpoint import read_state
 from llmprune.cli import app
 
 from .conftest import random_tokens, tiny_model
@@ -32,13 +33,15 @@ def test_streamed_prune_writes_the_in_memory_result(tmp_path, method):
     llmprune.prune(ref, calib_tokens=tokens, method=method, device=torch.device("cpu"), batch_size=2, progress=False)
 
     model, reader = streaming.open_model(src, torch.float32)
-    place = streaming.DiskBlocks(model, reader, tmp_path / "out")
+    work = tmp_path / "work"
     llmprune.prune(model, calib_tokens=tokens, method=method, device=torch.device("cpu"), batch_size=2,
-                   progress=False, placement=place)
+                   progress=False, placement=streaming.DiskBlocks(model, reader), checkpoint_dir=work)
     assert all(p.is_meta for b in model.model.layers for p in b.parameters())  # nothing of a block stays in memory
-    place.finish(model, None, None)
+    export.seal(export.finish_dense(work, model, None, read_state(work)["shards"]), tmp_path / "out", {})
     assert sorted(p.name for p in (tmp_path / "out").glob("*.safetensors")) == [
-        "block-00000.safetensors", "block-00001.safetensors", "block-00002.safetensors", "stem.safetensors"]
+        "model-block-00000.safetensors", "model-block-00001.safetensors", "model-block-00002.safetensors",
+        "model-stem.safetensors"]
+    assert not work.exists()
     got = AutoModelForCausalLM.from_pretrained(tmp_path / "out").state_dict()
     want = ref.state_dict()
     assert set(got) == set(want)
@@ -61,6 +64,6 @@ def test_cli_stream_from_disk(tmp_path, tokenizer):
     b = AutoModelForCausalLM.from_pretrained(tmp_path / "b").state_dict()
     assert all(torch.equal(a[k], b[k]) for k in b)
     assert json.loads((tmp_path / "a" / "llmprune_report.json").read_text())["model"]["streamed"] is True
-    assert not list(tmp_path.glob(".a.partial-*"))
+    assert not list(tmp_path.glob(".a.*"))  # no temporary copy, no work folder left
     res = runner.invoke(app, common + ["--stream-from-disk", "--out", str(tmp_path / "c")])
     assert res.exit_code == 2 and "--eval ''" in res.output

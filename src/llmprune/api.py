@@ -38,6 +38,10 @@ class PruneResult:
     determinism: dict = field(default_factory=dict)
     """Whether the run was deterministic on its device, and why not where it was not."""
     memory_estimate: dict | None = None
+    save_s: float = 0.0
+    """Seconds spent waiting for the checkpoint's writer (not part of ``prune_s``)."""
+    bytes_written: int = 0
+    """Bytes the checkpoint wrote (block shards and state)."""
 
     @property
     def warnings(self) -> list[str]:
@@ -109,12 +113,15 @@ def prune(
     (or ``DSnoT(cycles, threshold)``): refine a score method's mask by DSnoT's pruning-and-growing before
     any update.
     ``checkpoint_dir``: save progress there after every block and resume from it (same settings:
-    bit-identical to an uninterrupted run; other settings: refused unless ``overwrite``).
+    bit-identical to an uninterrupted run; other settings: refused unless ``overwrite``). The folder
+    then holds one safetensors shard per block and ``state.json``; it is not a model folder: save the
+    model yourself afterwards (e.g. ``export.save_pruned``) and delete the folder. Under torchrun
+    (``world``), rank 0 writes it and every rank reads it back on resume (one host).
     ``activations``: where calibration hidden states live between blocks on a GPU: ``auto`` (on the
     GPU when the memory estimate fits, else pinned CPU memory), ``gpu`` or ``cpu``. A run that cannot
     fit is refused before any work. ``world`` (from ``distributed.init``): this process's share of
     the calibration batches; statistics are summed over all processes. ``placement``: how blocks
-    reach the device (``streaming.DiskBlocks`` for a model read from and written to disk).
+    reach the device (``streaming.DiskBlocks`` for a model read from disk block by block).
     """
     method = get_method(method, permute=permute, update=update, refine=refine)
     pattern = as_pattern(pattern, sparsity)
@@ -162,6 +169,10 @@ def prune(
         settings["block_sparsity"] = per_block
         block_patterns = [Unstructured(s, pattern.scope) for s in per_block]
     world = world or distributed.World()
+    checkpoint = None
+    if checkpoint_dir is not None:  # settings from all the calibration tokens, not this process's share
+        checkpoint = Checkpoint(checkpoint_dir, run_settings(model, method, pattern, tokens, device, batch_size, settings),
+                                overwrite, writer=world.is_main, barrier=lambda: distributed.barrier(world))
     if tokens is not None:
         tokens = distributed.shard(tokens, batch_size, world)
     estimate = memory.plan(memory.ModelSizes.of(model, device), tokens.shape[0] if tokens is not None else 0,
@@ -169,26 +180,28 @@ def prune(
                            activations, free_bytes(device), cpu_free_bytes())
     if progress:
         print(estimate.describe(device), file=sys.stderr, flush=True)
-    checkpoint = None
-    if checkpoint_dir is not None and world.size == 1:  # one process's progress; torchrun runs are not checkpointed
-        checkpoint = Checkpoint(checkpoint_dir, run_settings(model, method, pattern, tokens, device, batch_size, settings),
-                                overwrite)
     with deterministic(device) as determinism, (checkpoint.stop_between_blocks() if checkpoint else nullcontext()):
         try:
             layers = prune_blocks(model, method, pattern, tokens, device, batch_size, progress and world.is_main,
                                   block_patterns, checkpoint=checkpoint, offload_activations=estimate.offload,
                                   reduce_statistics=distributed.reducer(world), placement=placement)
-        except NumericalError:
+        except BaseException as exc:
             if checkpoint is not None:
-                checkpoint.discard()  # its blocks came from numbers that cannot be trusted
+                checkpoint.close(quiet=True)  # what was queued is written: a re-run resumes after it
+                if isinstance(exc, NumericalError):
+                    checkpoint.discard()  # its blocks came from numbers that cannot be trusted
             raise
+        if checkpoint is not None:
+            checkpoint.close()
     synchronize(device)
     model.train(was_training)
-    resumed = checkpoint.resumed_from if checkpoint else 0
-    return PruneResult(method.name, pattern, layers, time.perf_counter() - start, calib_info, settings,
+    resumed, save_s, written = (checkpoint.resumed_from, checkpoint.wait_s, checkpoint.bytes_written) if checkpoint \
+        else (0, 0.0, 0)
+    return PruneResult(method.name, pattern, layers, time.perf_counter() - start - save_s, calib_info, settings,
                        resumed, determinism,
                        {"device_bytes": estimate.device_bytes, "cpu_bytes": estimate.cpu_bytes,
-                        "activations": "cpu" if estimate.offload else str(device), "processes": world.size})
+                        "activations": "cpu" if estimate.offload else str(device), "processes": world.size},
+                       save_s, written)
 
 
 def run_settings(model, method, pattern: Pattern, tokens, device: torch.device, batch_size: int,

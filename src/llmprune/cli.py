@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 import time
 import traceback
@@ -98,7 +97,7 @@ def _print_summary(report: dict) -> None:
     t = report["time"]
     Console().print(
         f"sparsity {report['sparsity_overall']:.4f} (target {report['sparsity_target']:.4f}) | "
-        f"load {t['load_s']:.1f}s  prune {t['prune_s']:.1f}s  eval {t['eval_s']:.1f}s | "
+        f"load {t['load_s']:.1f}s  prune {t['prune_s']:.1f}s  save {t.get('save_s', 0.0):.1f}s  eval {t['eval_s']:.1f}s | "
         f"{report['device']} {report['dtype']}",
         highlight=False,
     )
@@ -145,8 +144,9 @@ def prune(
 ) -> None:
     """Prune a model in one shot, evaluating it before and after.
 
-    With --out, progress is saved after every block in a hidden sibling folder; running the same
-    command again after a crash or Ctrl-C continues from the last finished block.
+    With --out, the output is built in a hidden sibling folder, one shard per block written as the
+    run goes; that is also the saved progress: running the same command again after a crash or
+    Ctrl-C continues from the last finished block (streamed and torchrun runs too).
     Under `torchrun --nproc-per-node K -m llmprune prune ...` the calibration batches are split over
     the K processes (one GPU each) and their statistics summed; rank 0 evaluates, reports and saves.
     """
@@ -175,7 +175,7 @@ def _prune(*, world, model, method, sparsity, pattern, layerwise, owl_m, owl_lam
            seqlen, seed, calib_tokens, device, dtype, batch_size, activations, stream_from_disk, eval_sets, eval_seqlen,
            max_eval_windows, eval_tasks, limit, eval_batch_size, out, overwrite, format, report, data_dir,
            trust_remote_code, progress):
-    from . import api, checkpoint, data, devices, export, integrity, loading, report as report_mod, streaming, zeroshot
+    from . import api, checkpoint, data, devices, export, integrity, layout, loading, report as report_mod, zeroshot
     from .config import Calibration, DSnoT, EvalSettings, parse_sets
     from .layerwise import OWL, parse_layerwise
     from .methods import as_refine, get_method
@@ -237,80 +237,89 @@ def _prune(*, world, model, method, sparsity, pattern, layerwise, owl_m, owl_lam
     t0 = time.perf_counter()
     placement = None
     if stream_from_disk:
-        lm, tok, info, placement = _open_streamed(model, dt, trust_remote_code, out if main else None)
+        lm, tok, info, placement = _open_streamed(model, dt, trust_remote_code)
     else:
         lm, tok, info = loading.load_model(model, dt, trust_remote_code, progress and main)
-    try:
-        load_s = time.perf_counter() - t0
+    load_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    find_decoder(lm)  # an unsupported architecture is refused before any evaluation
+    in_place = format == "dense" and layout.direct_layout_supported(lm)  # the work folder becomes --out
+    if placement is not None and not in_place:
+        raise UsageError("--stream-from-disk: transformers saves this architecture under other tensor names than it "
+                         "loads; prune it without --stream-from-disk")
+    tokens = data.load_token_file(calib_tokens, lm.config.get_text_config().vocab_size) if calib_tokens else None
+    if tokens is None and (method_obj.needs or isinstance(layerwise_obj, OWL)):  # sample now: bad input fails early
+        tokens = api.calibration_tokens(lm, tok, calibration, ddir)
+    else:
+        calibration = None  # the report then describes the given token file
+    calib_data_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    windows = api.eval_windows(lm, tok, settings, ddir) if settings.sets else None
+    eval_s = time.perf_counter() - t0
+
+    def evaluate(label: str):
+        """Perplexity sets and zero-shot tasks of the model as it is now; (ppl, zero-shot, seconds)."""
         t0 = time.perf_counter()
-        find_decoder(lm)  # an unsupported architecture is refused before any evaluation
-        tokens = data.load_token_file(calib_tokens, lm.config.get_text_config().vocab_size) if calib_tokens else None
-        if tokens is None and (method_obj.needs or isinstance(layerwise_obj, OWL)):  # sample now: bad input fails early
-            tokens = api.calibration_tokens(lm, tok, calibration, ddir)
-        else:
-            calibration = None  # the report then describes the given token file
-        calib_data_s = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        windows = api.eval_windows(lm, tok, settings, ddir) if settings.sets else None
-        eval_s = time.perf_counter() - t0
+        ppl = api.perplexities(lm, windows, settings, dev, progress, label=label) if settings.sets else {}
+        zs = None
+        if zs_settings is not None:
+            lm.to(dev)
+            zs = zeroshot.evaluate_zero_shot(lm, tok, zs_settings, ddir, progress, label=label)
+        return ppl, zs, time.perf_counter() - t0
 
-        def evaluate(label: str):
-            """Perplexity sets and zero-shot tasks of the model as it is now; (ppl, zero-shot, seconds)."""
-            t0 = time.perf_counter()
-            ppl = api.perplexities(lm, windows, settings, dev, progress, label=label) if settings.sets else {}
-            zs = None
-            if zs_settings is not None:
-                lm.to(dev)
-                zs = zeroshot.evaluate_zero_shot(lm, tok, zs_settings, ddir, progress, label=label)
-            return ppl, zs, time.perf_counter() - t0
-
-        dense_ppl, dense_zs, seconds = evaluate("dense")
-        eval_s += seconds
-        if settings.sets or zs_settings is not None:
-            lm.to("cpu")
-        # progress is checkpointed by one in-memory process; a streamed model is written block by block instead
-        work = checkpoint.work_dir_for(out) if out is not None and main and placement is None else None
-        result = api.prune(lm, tok, method=method_obj, pattern=pattern_obj, calibration=calibration,
-                           calib_tokens=tokens, device=dev, batch_size=batch_size, data_dir=ddir, progress=progress and main,
-                           layerwise=layerwise_obj, activations=activations, world=world, placement=placement,
-                           checkpoint_dir=work, overwrite=overwrite)
-        if not main:  # every rank holds the same pruned model; rank 0 evaluates, reports and saves it
-            return
-        pruned_ppl, pruned_zs, seconds = evaluate("pruned")
-        eval_s += seconds
-        payload = report_mod.build_report(
-            model=info, result=result, device=dev, dtype=dt,
-            times={"load_s": load_s, "calib_data_s": calib_data_s, "prune_s": result.prune_s, "eval_s": eval_s},
-            peak=devices.peak_memory_bytes(), dense_ppl=dense_ppl, pruned_ppl=pruned_ppl, eval_settings=settings,
-            zero_shot=report_mod.zero_shot_table(dense_zs, pruned_zs),
-            extra={"command": sys.argv, "processes": world.size,
-                   "weights_sha256": integrity.state_sha256(lm) if placement is None else None},
-        )
-        if report is not None:
-            report_mod.write_json(report, payload)
-        if placement is not None:
-            placement.finish(lm, tok, payload)
-            export.move_into_place(placement.out, out)
-            integrity.fsync_path(out.parent)
-        elif out is not None:
-            lm.to("cpu")
-            export.save_pruned(lm, tok, out, payload, overwrite, format=format, pattern=pattern_obj,
-                               after_error=f"; the pruned blocks are kept in {work}: re-run the same command to finish")
-            checkpoint.Checkpoint.remove(work)
-            if format == "compressed":
-                st = json.loads((out / export.REPORT_NAME).read_text())["storage"]
-                Console().print(f"pruned Linear weights: {st['linear_stored_bytes'] / 2**20:.1f} MiB stored vs "
-                                f"{st['linear_dense_bytes'] / 2**20:.1f} MiB dense ({st['linear_ratio']:.3f}x)",
-                                highlight=False)
-        _print_summary(payload)
-    finally:
-        if placement is not None and placement.out is not None:
-            shutil.rmtree(placement.out, ignore_errors=True)  # left only by a failed run
+    dense_ppl, dense_zs, seconds = evaluate("dense")
+    eval_s += seconds
+    if settings.sets or zs_settings is not None:
+        lm.to("cpu")
+    # progress is saved block by block in the work folder (rank 0 writes, every rank reads it on resume)
+    work = checkpoint.work_dir_for(out) if out is not None else None
+    result = api.prune(lm, tok, method=method_obj, pattern=pattern_obj, calibration=calibration,
+                       calib_tokens=tokens, device=dev, batch_size=batch_size, data_dir=ddir, progress=progress and main,
+                       layerwise=layerwise_obj, activations=activations, world=world, placement=placement,
+                       checkpoint_dir=work, overwrite=overwrite)
+    if not main:  # every rank holds the same pruned model; rank 0 evaluates, reports and saves it
+        return
+    pruned_ppl, pruned_zs, seconds = evaluate("pruned")
+    eval_s += seconds
+    t0 = time.perf_counter()
+    keep = f"; the pruned blocks are kept in {work}: re-run the same command to finish"
+    staged = _stage_output(lm, tok, out, work, in_place, format, overwrite, pattern_obj, keep) if out else None
+    payload = report_mod.build_report(
+        model=info, result=result, device=dev, dtype=dt,
+        times={"load_s": load_s, "calib_data_s": calib_data_s, "prune_s": result.prune_s, "eval_s": eval_s,
+               "save_s": result.save_s + time.perf_counter() - t0},
+        peak=devices.peak_memory_bytes(), dense_ppl=dense_ppl, pruned_ppl=pruned_ppl, eval_settings=settings,
+        zero_shot=report_mod.zero_shot_table(dense_zs, pruned_zs),
+        extra={"command": sys.argv, "processes": world.size,
+               "weights_sha256": integrity.state_sha256(lm) if placement is None else None,
+               "bytes_written": result.bytes_written + (staged.bytes_written if staged else 0),
+               **({"storage": staged.storage} if staged is not None and staged.storage else {})},
+    )
+    if staged is not None:
+        export.seal(staged, out, payload, keep)
+        checkpoint.Checkpoint.remove(work)  # (gone already when the work folder became the output)
+    if report is not None:
+        report_mod.write_json(report, payload)
+    if staged is not None and staged.storage:
+        st = staged.storage
+        Console().print(f"pruned Linear weights: {st['linear_stored_bytes'] / 2**20:.1f} MiB stored vs "
+                        f"{st['linear_dense_bytes'] / 2**20:.1f} MiB dense ({st['linear_ratio']:.3f}x)", highlight=False)
+    _print_summary(payload)
 
 
-def _open_streamed(spec, dtype, trust_remote_code, out):
-    """The model with its blocks left on disk, and the placement that streams them (writing to ``out``'s
-    temporary sibling on rank 0 only)."""
+def _stage_output(lm, tok, out, work, in_place, format, overwrite, pattern, keep):
+    """The output but for its report and manifest: the work folder's block shards completed in place, or
+    (compressed, or a model saved under renamed keys) a fresh save beside ``out``."""
+    from . import checkpoint, export
+
+    if in_place:
+        return export.finish_dense(work, lm, tok, checkpoint.read_state(work)["shards"])
+    lm.to("cpu")
+    return export.stage_pruned(lm, tok, out, overwrite, format=format, pattern=pattern, after_error=keep)
+
+
+def _open_streamed(spec, dtype, trust_remote_code):
+    """The model with its blocks left on disk, and the placement that streams them."""
     from transformers import AutoTokenizer
 
     from . import loading, streaming
@@ -324,8 +333,7 @@ def _open_streamed(spec, dtype, trust_remote_code, out):
         tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
     except (OSError, ValueError):  # a folder without tokenizer files still prunes with --calib-tokens
         tok = None
-    tmp = streaming.partial_dir(out) if out is not None else None
-    return lm, tok, {"spec": spec, "kind": kind, "path": location, "streamed": True}, streaming.DiskBlocks(lm, reader, tmp)
+    return lm, tok, {"spec": spec, "kind": kind, "path": location, "streamed": True}, streaming.DiskBlocks(lm, reader)
 
 
 @app.command("eval")

@@ -1,19 +1,28 @@
 """Save a pruned model: a plain Hugging Face folder (dense, exact zeros, safetensors), atomically.
 
-Written into a temporary sibling, every file fsynced, a sha256 manifest written last, then renamed
+Written into a hidden sibling, every file fsynced, a sha256 manifest written last, then renamed
 into place: the folder either does not exist or is complete and checkable (``integrity.verify_output``).
+A run with ``--out`` builds the output in its work folder: the block shards the checkpoint wrote
+become the output's shards (``finish_dense``) and only the stem, index, config, tokenizer, report
+and manifest are added. ``--format compressed`` and models that ``save_pretrained`` saves under
+other names (see ``layout.direct_layout_supported``) are written again by ``stage_pruned`` instead,
+so their runs write the weights twice (the block shards as checkpoint, then the output).
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from .checkpoint import STATE_NAME
 from .errors import UsageError
 from .integrity import MANIFEST_NAME, REPORT_NAME, disk_error, fsync_path, write_json_atomic, write_manifest
+from .layout import INDEX, STEM, index_payload, stem_state, write_shard
 
-__all__ = ["FORMATS", "MANIFEST_NAME", "REPORT_NAME", "check_format", "check_output_dir", "save_pruned"]
+__all__ = ["FORMATS", "MANIFEST_NAME", "REPORT_NAME", "Staged", "check_format", "check_output_dir", "finish_dense",
+           "save_pruned", "seal", "stage_pruned"]
 FORMATS = ("dense", "compressed")
 
 
@@ -56,13 +65,52 @@ def _remove_stale_partials(out: Path) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
-def save_pruned(model, tokenizer, out: str | os.PathLike, report: dict, overwrite: bool = False,
-                format: str = "dense", pattern=None, after_error: str = "") -> Path:
-    """Write model + tokenizer + report + manifest to a temporary sibling, then rename it into place.
+@dataclass
+class Staged:
+    """A complete output but for its report and manifest, in a hidden folder beside ``--out``."""
 
-    ``format="compressed"`` stores the pruned Linears packed (see ``compressed``; needs ``pattern``)
-    and adds the byte counts to the report under ``storage``. A failed write (e.g. no space left)
-    raises a one-line ``UsageError`` (``after_error`` is appended to its message) and leaves nothing behind.
+    folder: Path
+    bytes_written: int
+    """Bytes of the files written into ``folder`` by this step."""
+    known: dict = field(default_factory=dict)
+    """Relative path -> {sha256, bytes} of files whose hash is known from writing them."""
+    storage: dict | None = None
+    """``--format compressed``: the byte counts of ``compressed.save``."""
+
+
+def finish_dense(work: Path, model, tokenizer, shards: dict[str, dict]) -> Staged:
+    """Turn a work folder of block shards (``shards``: their records) into the output's files: the stem
+    shard, the index, the config (and generation config) and the tokenizer. The block shards are not
+    rewritten, so the weights are written once in the whole run."""
+    try:
+        stem = write_shard(work / STEM, stem_state(model))
+        known = {**shards, STEM: stem}
+        write_json_atomic(work / INDEX, index_payload(known))
+        _save_config(model, work)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(work)
+    except OSError as exc:
+        raise disk_error(exc, work, f"; the pruned blocks are kept in {work}: re-run the same command to finish") from None
+    written = sum(p.stat().st_size for p in work.rglob("*") if p.is_file() and p.name not in shards
+                  and p.name != STATE_NAME)
+    return Staged(work, written, {k: {"sha256": v["sha256"], "bytes": v["bytes"]} for k, v in known.items()})
+
+
+def _save_config(model, folder: Path) -> None:
+    """The config files ``save_pretrained`` writes, with the same dtype and architecture fields."""
+    model.config.dtype = str(model.dtype).split(".")[1]
+    model.config.architectures = [type(model).__name__]
+    model.config.save_pretrained(folder)
+    if callable(getattr(model, "can_generate", None)) and model.can_generate() and model.generation_config is not None:
+        model.generation_config.save_pretrained(folder)
+
+
+def stage_pruned(model, tokenizer, out: str | os.PathLike, overwrite: bool = False, format: str = "dense",
+                 pattern=None, after_error: str = "") -> Staged:
+    """Write model + tokenizer with ``save_pretrained`` (or ``compressed.save``) into a temporary sibling of ``out``.
+
+    A failed write (e.g. no space left) raises a one-line ``UsageError`` (``after_error`` is appended
+    to its message) and leaves nothing behind.
     """
     out = check_output_dir(out, overwrite)
     check_format(format)
@@ -72,24 +120,55 @@ def save_pruned(model, tokenizer, out: str | os.PathLike, report: dict, overwrit
     tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
+        storage = None
         if format == "compressed":
             from . import compressed
 
-            report = {**report, "storage": compressed.save(model, tmp, pattern)}
+            storage = compressed.save(model, tmp, pattern)
         else:
             model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        write_json_atomic(tmp / REPORT_NAME, report)
-        write_manifest(tmp)
-        fsync_path(tmp)
-        move_into_place(tmp, out)
+    except BaseException as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError):
+            raise disk_error(exc, out, after_error) from None
+        raise
+    return Staged(tmp, sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file()), storage=storage)
+
+
+def seal(staged: Staged, out: str | os.PathLike, report: dict, after_error: str = "") -> Path:
+    """Add the report and the manifest (written last), drop the checkpoint state, rename the folder to ``out``.
+
+    On failure the staged folder is removed unless it is a work folder (it then keeps its blocks to resume)."""
+    out, folder = Path(out).expanduser(), staged.folder
+    try:
+        write_json_atomic(folder / REPORT_NAME, report)
+        write_manifest(folder, staged.known, exclude={STATE_NAME})
+        (folder / STATE_NAME).unlink(missing_ok=True)
+        fsync_path(folder)
+        move_into_place(folder, out)
         fsync_path(out.parent)
     except OSError as exc:
         raise disk_error(exc, out, after_error) from None
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if folder.exists() and not (folder / STATE_NAME).exists():
+            shutil.rmtree(folder, ignore_errors=True)
     return out
+
+
+def save_pruned(model, tokenizer, out: str | os.PathLike, report: dict, overwrite: bool = False,
+                format: str = "dense", pattern=None, after_error: str = "") -> Path:
+    """Write model + tokenizer + report + manifest to a temporary sibling, then rename it into place.
+
+    ``format="compressed"`` stores the pruned Linears packed (see ``compressed``; needs ``pattern``)
+    and adds the byte counts to the report under ``storage``. A failed write (e.g. no space left)
+    raises a one-line ``UsageError`` (``after_error`` is appended to its message) and leaves nothing behind.
+    """
+    staged = stage_pruned(model, tokenizer, out, overwrite, format, pattern, after_error)
+    if staged.storage is not None:
+        report = {**report, "storage": staged.storage}
+    return seal(staged, out, report, after_error)
 
 
 def move_into_place(tmp: Path, out: Path) -> None:

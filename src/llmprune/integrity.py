@@ -35,12 +35,15 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
-def write_bytes_atomic(path: Path, data: bytes) -> None:
-    """Temporary file beside ``path``, fsync, rename, fsync the folder: complete or absent."""
+def write_bytes_atomic(path: Path, data) -> None:
+    """Temporary file beside ``path``, fsync, rename, fsync the folder: complete or absent.
+
+    ``data``: bytes, or a list of buffers (bytes, memoryviews) written one after another."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as fh:
-            fh.write(data)
+            for chunk in data if isinstance(data, list) else [data]:
+                fh.write(chunk)  # large writes go straight to the file, without the GIL
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -92,12 +95,22 @@ def _files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST_NAME)
 
 
-def write_manifest(folder: Path) -> dict:
-    """fsync every file of ``folder``, then write the manifest of their sha256 (itself fsynced)."""
+def write_manifest(folder: Path, known: dict | None = None, exclude: set[str] = frozenset()) -> dict:
+    """fsync every file of ``folder`` (but ``exclude``), then write the manifest of their sha256 (itself fsynced).
+
+    ``known`` (relative path -> {sha256, bytes}) gives hashes computed when those files were written:
+    a file of the recorded size is not read again (a model's shards are most of its bytes)."""
+    known = known or {}
     files = {}
     for path in _files(folder):
+        rel = path.relative_to(folder).as_posix()
+        if rel in exclude:
+            continue
         fsync_path(path)
-        files[path.relative_to(folder).as_posix()] = {"sha256": file_sha256(path), "bytes": path.stat().st_size}
+        size = path.stat().st_size
+        entry = known.get(rel)
+        digest = entry["sha256"] if entry is not None and entry["bytes"] == size else file_sha256(path)
+        files[rel] = {"sha256": digest, "bytes": size}
     manifest = {"format": 1, "files": files}
     write_json_atomic(folder / MANIFEST_NAME, manifest)
     return manifest

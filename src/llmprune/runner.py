@@ -17,6 +17,7 @@ from .activations import ActivationStore
 from .capture import BlockCall, StopForward, collect_statistics, record_block_calls
 from .errors import UsageError
 from .guards import NumericalError, check_finite, record_numerical_warnings, statistic_tensors
+from .layout import local_state
 from .models import find_decoder, prunable_layers, set_weight_matrix, weight_matrix
 from .patterns import Pattern, check_fits
 
@@ -37,12 +38,17 @@ class LayerResult:
 class InMemory:
     """Blocks live in memory (CPU or device); each visits the compute device while it is pruned."""
 
+    keeps_weights = True  # a resumed run must put the saved weights of every finished block back
+
     def __init__(self) -> None:
         self._home: dict[int, torch.device] = {}
 
-    def load(self, index: int, block: nn.Module, device: torch.device) -> None:
+    def load(self, index: int, block: nn.Module, device: torch.device, saved: dict | None = None) -> None:
+        """Bring block ``index`` to ``device``; ``saved`` (its state from a checkpoint) replaces its tensors."""
         self._home[index] = next(block.parameters()).device
         block.to(device)
+        if saved is not None:
+            block.load_state_dict(saved, strict=True)
 
     def release(self, index: int, block: nn.Module) -> None:
         block.to(self._home.pop(index))
@@ -118,13 +124,14 @@ def prune_blocks(
     """Prune every decoder block's Linear layers in place; embeddings and lm_head are untouched.
 
     ``block_patterns`` (one per block) replaces ``pattern`` block by block (per-block sparsity).
-    ``checkpoint`` (a ``checkpoint.Checkpoint``) restores finished blocks before the first one and
-    saves each block when it is done. NaN/Inf in a block's inputs, statistics or outputs raises
+    ``checkpoint`` (a ``checkpoint.Checkpoint``) says how many blocks a previous run finished; their
+    saved weights are put back and only their propagation forward is re-run; each new block is
+    saved when it is done. NaN/Inf in a block's inputs, statistics or outputs raises
     ``NumericalError`` naming the block and layer.
     ``offload_activations`` keeps the calibration hidden states in pinned CPU memory between blocks.
     ``reduce_statistics(collector)``, if given, combines each block's statistics with other
     processes' (see ``distributed``) before any Linear is pruned. ``placement`` brings each block to
-    the device and takes it back (default ``InMemory``; ``streaming.DiskBlocks`` reads and writes files).
+    the device and takes it back (default ``InMemory``; ``streaming.DiskBlocks`` reads them from files).
     """
     placement = placement or InMemory()
     decoder, blocks = find_decoder(model)
@@ -135,19 +142,21 @@ def prune_blocks(
         for name, layer in prunable_layers(block).items():
             check_fits(pattern, weight_matrix(layer).shape[1], f"{names[id(block)]}.{name}")
 
-    restored = checkpoint.restore(blocks) if checkpoint is not None else None
+    restored = checkpoint.restore(len(blocks)) if checkpoint is not None else None
     first = restored.done if restored else 0
     results = [LayerResult(**{**r, "shape": tuple(r["shape"])}) for r in restored.layers] if restored else []
     hidden, calls = [], {}
-    if method.needs and first < len(blocks):
+    propagate = method.needs and first < len(blocks)
+    if propagate:
         if tokens is None:
             raise ValueError(f"method {method.name} needs calibration tokens")
         store = ActivationStore(device, offload_activations)
         hidden, calls = capture_block_inputs(model, tokens, batch_size, device, store)
-        if restored is not None and restored.inputs is not None:
-            for i, h in enumerate(restored.inputs):
-                hidden[i] = h.to(device)
-        check_finite(hidden, f"the inputs of block {first}", hidden[0].dtype)
+        check_finite(hidden, "the inputs of block 0", hidden[0].dtype)
+    if first:
+        _replay(blocks, names, first, placement, checkpoint, device, hidden if propagate else None, calls)
+    if checkpoint is not None:
+        checkpoint.begin()
 
     last = len(blocks) - 1
     bar = tqdm(total=len(blocks), initial=first, desc=f"{method.name} {pattern}", unit="block", disable=not progress)
@@ -158,7 +167,7 @@ def prune_blocks(
         prefix = names[id(block)]
         dtype = next(block.parameters()).dtype
         layers = prunable_layers(block)
-        block_calls = {size: per_block[index] for size, per_block in calls.items()}
+        block_calls = _calls_of(calls, index)
         collector = None
         if method.needs:
             with collect_statistics(layers, method.needs) as collector:
@@ -173,12 +182,29 @@ def prune_blocks(
             _run_block(block, hidden, block_calls)
             check_finite(hidden, f"the output of block {index} ({prefix})", dtype)
         if checkpoint is not None:
-            inputs = hidden if method.needs and index < last else None
-            checkpoint.save(index, block, list(layers), inputs, [asdict(r) for r in results], len(blocks))
+            checkpoint.save(index, block, prefix, [asdict(r) for r in results], len(blocks))
         placement.release(index, block)
         bar.update()
     bar.close()
     return results
+
+
+def _calls_of(calls: dict[int, list[BlockCall]], index: int) -> dict[int, BlockCall]:
+    return {size: per_block[index] for size, per_block in calls.items()}
+
+
+def _replay(blocks, names, first: int, placement, checkpoint, device, hidden, calls) -> None:
+    """Put the saved weights of blocks ``0..first-1`` back and, when ``hidden`` is given, run only their
+    propagation forward: the same operations as the uninterrupted run, so the same inputs of block ``first``."""
+    for index in range(first):
+        if hidden is None and not getattr(placement, "keeps_weights", True):
+            continue  # a streamed block that nothing needs: it stays in its shard
+        block, prefix = blocks[index], names[id(blocks[index])]
+        placement.load(index, block, device, local_state(checkpoint.block_state(index), prefix))
+        if hidden is not None:
+            _run_block(block, hidden, _calls_of(calls, index))
+            check_finite(hidden, f"the output of block {index} ({prefix}, restored)", next(block.parameters()).dtype)
+        placement.release(index, block)
 
 
 def _prune_layer(method, pattern, layer, collector, name: str, full_name: str, index: int, dtype) -> LayerResult:

@@ -1,11 +1,11 @@
 """Prune a model that does not fit in CPU memory: blocks are read from its safetensors files one at a
-time and the pruned model is written shard by shard (one file per block).
+time; the checkpoint writes each pruned block to its own shard (see ``layout``), the output's files.
 
 The model is built on the meta device (accelerate's ``init_empty_weights``: parameters take no
 memory, buffers such as rotary frequencies are real); only the stem (embeddings, final norm,
 lm_head) is read into memory. ``DiskBlocks`` is a runner placement: ``load`` reads one block's
-tensors straight onto the compute device with safetensors' ``safe_open``, ``release`` writes the
-pruned block to its output shard and returns its parameters to the meta device.
+tensors straight onto the compute device with safetensors' ``safe_open``, ``release`` returns its
+parameters to the meta device.
 """
 
 from __future__ import annotations
@@ -18,10 +18,8 @@ import torch
 from torch import nn
 
 from .errors import UsageError
+from .layout import INDEX, block_prefixes, tied_names
 from .models import find_decoder
-from .report import write_json
-
-INDEX = "model.safetensors.index.json"
 
 
 def weight_files(folder: Path) -> dict[str, Path]:
@@ -74,7 +72,7 @@ def open_model(folder: str | os.PathLike, dtype: torch.dtype, trust_remote_code:
     reader = _Reader(folder)
     _, blocks = find_decoder(model)
     block_ids = {id(p) for b in blocks for p in b.parameters()}
-    tied = _tied_names(model)
+    tied = tied_names(model)
     for name, param in model.named_parameters(remove_duplicate=False):
         if id(param) in block_ids or name in tied:
             continue
@@ -84,75 +82,30 @@ def open_model(folder: str | os.PathLike, dtype: torch.dtype, trust_remote_code:
     return model, reader
 
 
-def _tied_names(model: nn.Module) -> set[str]:
-    """Parameter names that are a second name of an earlier parameter (e.g. a tied lm_head)."""
-    seen, tied = set(), set()
-    for name, param in model.named_parameters(remove_duplicate=False):
-        if id(param) in seen:
-            tied.add(name)
-        seen.add(id(param))
-    return tied
-
-
 class DiskBlocks:
-    """Runner placement: read a block from the source files, write it pruned to ``out`` (a temporary folder)."""
+    """Runner placement: read a block from the source files (or from its saved shard on resume) onto the
+    device; afterwards return its parameters to the meta device. The checkpoint writes the pruned blocks."""
 
-    def __init__(self, model: nn.Module, reader: _Reader, out: Path | None) -> None:
-        self.reader, self.out = reader, out
-        names = {id(m): n for n, m in model.named_modules()}
-        _, blocks = find_decoder(model)
-        self.prefix = [names[id(b)] for b in blocks]
-        self.dtype = next(blocks[0].parameters()).dtype
-        self.weight_map: dict[str, str] = {}
-        if out is not None:  # None: another process writes the result
-            out.mkdir(parents=True, exist_ok=True)
+    keeps_weights = False  # a finished block needs no reading unless its outputs are needed
 
-    def load(self, index: int, block: nn.Module, device: torch.device) -> None:
+    def __init__(self, model: nn.Module, reader: _Reader) -> None:
+        self.reader = reader
+        self.prefix = block_prefixes(model)
+        self.dtype = next(find_decoder(model)[1][0].parameters()).dtype
+
+    def load(self, index: int, block: nn.Module, device: torch.device, saved: dict | None = None) -> None:
         from accelerate.utils import set_module_tensor_to_device
 
         for name, _ in block.named_parameters():
-            value = self.reader.get(f"{self.prefix[index]}.{name}", device, self.dtype)
+            if saved is not None:
+                value = saved[name].to(device)
+            else:
+                value = self.reader.get(f"{self.prefix[index]}.{name}", device, self.dtype)
             set_module_tensor_to_device(block, name, device, value=value)
         self.reader.close()
 
     def release(self, index: int, block: nn.Module) -> None:
         from accelerate.utils import set_module_tensor_to_device
-        from safetensors.torch import save_file
 
-        if self.out is not None:
-            file = f"block-{index:05d}.safetensors"
-            tensors = {f"{self.prefix[index]}.{n}": p.detach().to("cpu").contiguous()
-                       for n, p in block.named_parameters()}
-            save_file(tensors, str(self.out / file), metadata={"format": "pt"})
-            self.weight_map.update(dict.fromkeys(tensors, file))
         for name, _ in list(block.named_parameters()):
             set_module_tensor_to_device(block, name, "meta")
-
-    def finish(self, model: nn.Module, tokenizer, report: dict | None) -> None:
-        """Write the stem shard, the index, config and tokenizer next to the block shards."""
-        from safetensors.torch import save_file
-
-        _, blocks = find_decoder(model)
-        block_ids = {id(p) for b in blocks for p in b.parameters()}
-        tied = _tied_names(model)
-        rest = {n: p.detach().contiguous() for n, p in model.named_parameters(remove_duplicate=False)
-                if id(p) not in block_ids and n not in tied}
-        save_file(rest, str(self.out / "stem.safetensors"), metadata={"format": "pt"})
-        self.weight_map.update(dict.fromkeys(rest, "stem.safetensors"))
-        total = sum(os.path.getsize(self.out / f) for f in set(self.weight_map.values()))
-        write_json(self.out / INDEX, {"metadata": {"total_size": total}, "weight_map": dict(sorted(self.weight_map.items()))})
-        model.config.save_pretrained(self.out)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(self.out)
-        if report is not None:
-            from .export import REPORT_NAME
-
-            write_json(self.out / REPORT_NAME, report)
-        from .integrity import fsync_path, write_manifest
-
-        write_manifest(self.out)  # last: `llmprune eval` / `load` refuse a folder without it
-        fsync_path(self.out)
-
-
-def partial_dir(out: Path) -> Path:
-    return out.with_name(f".{out.name}.partial-{os.getpid()}")
