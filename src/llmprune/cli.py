@@ -126,6 +126,7 @@ def prune(
     dtype: str = DtypeOpt,
     batch_size: int = typer.Option(8, "--batch-size", help="Calibration windows per forward pass."),
     activations: str = typer.Option("auto", "--activations", help="auto | gpu | cpu: where calibration hidden states live between blocks (auto: on the GPU when they fit, else pinned CPU memory)."),
+    weights: str = typer.Option("auto", "--weights", help="auto | gpu | cpu: where the model's weights live while it is pruned on a GPU (gpu: all of them on the GPU, no block travels; cpu: in CPU memory, each block visits the GPU; auto: gpu when the memory estimate fits)."),
     stream_from_disk: bool = typer.Option(False, "--stream-from-disk", help="Read one block at a time from the model folder's safetensors files and write the pruned model block by block to --out (for models larger than CPU memory; needs --out and --eval '')."),
     eval_sets: str = EvalOpt,
     eval_seqlen: Optional[int] = EvalSeqOpt,
@@ -172,7 +173,7 @@ def prune(
 
 def _prune(*, world, model, method, sparsity, pattern, layerwise, owl_m, owl_lambda, permute, update, refine,
            dsnot_cycles, dsnot_threshold, calib, nsamples,
-           seqlen, seed, calib_tokens, device, dtype, batch_size, activations, stream_from_disk, eval_sets, eval_seqlen,
+           seqlen, seed, calib_tokens, device, dtype, batch_size, activations, weights, stream_from_disk, eval_sets, eval_seqlen,
            max_eval_windows, eval_tasks, limit, eval_batch_size, out, overwrite, format, report, data_dir,
            trust_remote_code, progress):
     from . import api, checkpoint, data, devices, export, integrity, layout, loading, report as report_mod, zeroshot
@@ -209,6 +210,7 @@ def _prune(*, world, model, method, sparsity, pattern, layerwise, owl_m, owl_lam
         raise UsageError(f"--activations must be auto, gpu or cpu, got {activations!r}")
     dev = devices.resolve_device(device)
     dt = devices.resolve_dtype(dtype, dev)
+    _check_weights(weights, dev, stream_from_disk)
     export.check_format(format)
     if permute and format == "compressed":
         raise UsageError("--permute leaves masks that are N:M only in a permuted column order, which --format compressed "
@@ -271,6 +273,8 @@ def _prune(*, world, model, method, sparsity, pattern, layerwise, owl_m, owl_lam
     eval_s += seconds
     if settings.sets or zs_settings is not None:
         lm.to("cpu")
+    where = _place_weights(lm, weights, dev, tokens, batch_size, method_obj.needs, activations) if placement is None \
+        else "streamed"
     # progress is saved block by block in the work folder (rank 0 writes, every rank reads it on resume)
     work = checkpoint.work_dir_for(out) if out is not None else None
     result = api.prune(lm, tok, method=method_obj, pattern=pattern_obj, calibration=calibration,
@@ -290,7 +294,7 @@ def _prune(*, world, model, method, sparsity, pattern, layerwise, owl_m, owl_lam
                "save_s": result.save_s + time.perf_counter() - t0},
         peak=devices.peak_memory_bytes(), dense_ppl=dense_ppl, pruned_ppl=pruned_ppl, eval_settings=settings,
         zero_shot=report_mod.zero_shot_table(dense_zs, pruned_zs),
-        extra={"command": sys.argv, "processes": world.size,
+        extra={"command": sys.argv, "processes": world.size, "weights": where,
                "weights_sha256": integrity.state_sha256(lm) if placement is None else None,
                "bytes_written": result.bytes_written + (staged.bytes_written if staged else 0),
                **({"storage": staged.storage} if staged is not None and staged.storage else {})},
@@ -305,6 +309,34 @@ def _prune(*, world, model, method, sparsity, pattern, layerwise, owl_m, owl_lam
         Console().print(f"pruned Linear weights: {st['linear_stored_bytes'] / 2**20:.1f} MiB stored vs "
                         f"{st['linear_dense_bytes'] / 2**20:.1f} MiB dense ({st['linear_ratio']:.3f}x)", highlight=False)
     _print_summary(payload)
+
+
+def _check_weights(weights: str, dev, stream_from_disk: bool) -> None:
+    if weights not in ("auto", "gpu", "cpu"):
+        raise UsageError(f"--weights must be auto, gpu or cpu, got {weights!r}")
+    if weights == "gpu" and dev.type != "cuda":
+        raise UsageError(f"--weights gpu places the model on a GPU, but --device is {dev}; use --device cuda or --weights auto")
+    if weights != "auto" and stream_from_disk:
+        raise UsageError("--stream-from-disk reads each block from disk when it is pruned; drop --weights")
+
+
+def _place_weights(lm, weights: str, dev, tokens, batch_size: int, needs, activations: str) -> str:
+    """Move the whole model to the GPU when asked, or (auto) when it fits beside the run; where the weights are."""
+    from . import devices, memory
+
+    if dev.type != "cuda" or weights == "cpu":
+        return "cpu"
+    n, length = (tokens.shape[0], tokens.shape[1]) if tokens is not None else (0, 0)
+    fits = memory.whole_model_fits(lm, n, length, batch_size, needs, dev, activations, devices.free_bytes(dev),
+                                   devices.cpu_free_bytes())
+    if not fits and weights == "gpu":
+        size = sum(t.numel() * t.element_size() for t in [*lm.parameters(), *lm.buffers()]) / memory.GiB
+        raise UsageError(f"--weights gpu: the model ({size:.1f} GiB) and the run do not fit on {dev} together; "
+                         "use --weights cpu (each block visits the GPU) or --weights auto")
+    if not fits:
+        return "cpu"
+    lm.to(dev)
+    return "gpu"
 
 
 def _stage_output(lm, tok, out, work, in_place, format, overwrite, pattern, keep):
