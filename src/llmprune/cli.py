@@ -126,7 +126,7 @@ def prune(
     dtype: str = DtypeOpt,
     batch_size: int = typer.Option(8, "--batch-size", help="Calibration windows per forward pass."),
     activations: str = typer.Option("auto", "--activations", help="auto | gpu | cpu: where calibration hidden states live between blocks (auto: on the GPU when they fit, else pinned CPU memory)."),
-    weights: str = typer.Option("auto", "--weights", help="auto | gpu | cpu: where the model's weights live while it is pruned on a GPU (gpu: all of them on the GPU, no block travels; cpu: in CPU memory, each block visits the GPU; auto: gpu when the memory estimate fits)."),
+    weights: str = typer.Option("cpu", "--weights", help="cpu | gpu | auto: where the model's weights live while it is pruned on a GPU (cpu: in CPU memory, each block visits the GPU; gpu: all of them on the GPU, no block travels; auto: gpu when the memory estimate fits)."),
     stream_from_disk: bool = typer.Option(False, "--stream-from-disk", help="Read one block at a time from the model folder's safetensors files and write the pruned model block by block to --out (for models larger than CPU memory; needs --out and --eval '')."),
     eval_sets: str = EvalOpt,
     eval_seqlen: Optional[int] = EvalSeqOpt,
@@ -316,7 +316,7 @@ def _check_weights(weights: str, dev, stream_from_disk: bool) -> None:
         raise UsageError(f"--weights must be auto, gpu or cpu, got {weights!r}")
     if weights == "gpu" and dev.type != "cuda":
         raise UsageError(f"--weights gpu places the model on a GPU, but --device is {dev}; use --device cuda or --weights auto")
-    if weights != "auto" and stream_from_disk:
+    if weights != "cpu" and stream_from_disk:
         raise UsageError("--stream-from-disk reads each block from disk when it is pruned; drop --weights")
 
 
