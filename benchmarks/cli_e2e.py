@@ -164,6 +164,16 @@ def forward_floor(folder: Path, tokens: torch.Tensor, batch: int, device: torch.
     return {"seconds": min(times), "timings": times, "dtype": str(dtype).replace("torch.", "")}
 
 
+def measure_floors(folder: Path, work: Path, tokens: torch.Tensor, batch: int, device: torch.device) -> dict:
+    floors = {"forward": forward_floor(folder, tokens, batch, device)}
+    weights = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+    read = read_bandwidth(folder)
+    floors["read"] = {**read, "model_s": weights / read["bytes_per_s"]}
+    wr = write_bandwidth(work, min(weights, 4 << 30))
+    floors["write"] = {**wr, "model_s": weights / wr["bytes_per_s"]}
+    return floors
+
+
 # ---------------------------------------------------------------- one CLI run, watched from outside
 class Watch:
     """Polls a child's resident memory and bytes written until it exits."""
@@ -293,14 +303,9 @@ def model_part(args) -> None:
                    "layers": args.layers, "calibration": [args.nsamples, args.seqlen], "batch": args.batch,
                    "model_bytes": folder_bytes(folder), "folder_build_s": time.perf_counter() - t0})
     result.setdefault("rows", [])
-    dev = torch.device(args.device)
-    floors = {"forward": forward_floor(folder, tokens, args.batch, dev)}
-    weights = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
-    read = read_bandwidth(folder)
-    floors["read"] = {**read, "model_s": weights / read["bytes_per_s"]}
-    wr = write_bandwidth(work, min(weights, 4 << 30))
-    floors["write"] = {**wr, "model_s": weights / wr["bytes_per_s"]}
-    result["floors"] = floors
+    if "floors" not in result:  # a resumed run (a second call on the same machine) keeps the floors it measured
+        result["floors"] = measure_floors(folder, work, tokens, args.batch, torch.device(args.device))
+    floors = result["floors"]
     print(json.dumps({"floors": {k: v.get("seconds") for k, v in floors.items()}}), flush=True)
     write(args.out, result)
     done = {r["run"] for r in result["rows"] if r.get("rc") == 0}

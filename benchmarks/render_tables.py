@@ -330,6 +330,44 @@ def zero_shot_table(path: Path) -> str:
     return head + "\n".join(lines + times)
 
 
+def cli_e2e_real_table(path: Path) -> str:
+    """`llmprune prune` with and without --out on a real model, each run its own process, interleaved."""
+    r = json.loads(path.read_text())
+    cal = r["calibration"]
+    head = (f"{r['model']} on {r['device']} ({r['cpu_threads']} threads), {r['dtype']}; calibration {cal[1]} x {cal[2]} "
+            f"{cal[0]} tokens; no evaluation; runs interleaved, each its own process "
+            f"(torch {r['versions']['torch']}).\n\n")
+    lines = ["| run | repeat | wall (s) | load (s) | prune (s) | save (s) | written (MB) | output (MB) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for x in r["rows"]:
+        t = x["time"]
+        label = "`--out`" if x["run"].endswith("/out") else "no `--out`"
+        out = f"{x['output_bytes'] / 1e6:.1f}" if x.get("output_bytes") else "-"
+        lines.append(f"| {x['run'].split('/')[0]} {label} | {x['repeat'] + 1} | {x['wall_s']:.1f} | {t['load_s']:.1f} | "
+                     f"{t['prune_s']:.1f} | {t.get('save_s', 0):.2f} | {x['polled_write_bytes'] / 1e6:.1f} | {out} |")
+    return head + "\n".join(lines)
+
+
+def cli_e2e_model_table(path: Path) -> str:
+    """The 7B-shaped rows of benchmarks/cli_e2e.py: phases, ratios to the same-run floors, memory, bytes."""
+    r = json.loads(path.read_text())
+    f = r["floors"]
+    head = (f"{r.get('gpu', 'CPU')}, torch {r['versions']['torch']}; {r['model']}, {r['layers']} blocks, calibration "
+            f"{r['calibration'][0]} x {r['calibration'][1]}, batch {r['batch']}. Floors measured in the same run: two "
+            f"forward passes {f['forward']['seconds']:.1f} s, reading the model {f['read']['model_s']:.1f} s, writing it "
+            f"{f['write']['model_s']:.1f} s.\n\n")
+    lines = ["| run | wall (s) | load | prune | save | prune / forward floor | wall / total floor | peak RSS (GB) | written / output |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for x in r["rows"]:
+        t = x.get("time") or {}
+        ratio = (f"{x['polled_write_bytes'] / x['output_bytes']:.2f}" if x.get("output_bytes") else "-")
+        cells = [f"{t[k]:.1f}" if k in t else "-" for k in ("load_s", "prune_s", "save_s")]
+        lines.append(f"| {x['run']} | {x['wall_s']:.1f} | {' | '.join(cells)} | "
+                     f"{x.get('prune_over_forward_floor', float('nan')):.2f} | {x.get('wall_over_total_floor', float('nan')):.2f} | "
+                     f"{x['peak_rss_bytes'] / 1e9:.1f} | {ratio} |")
+    return head + "\n".join(lines)
+
+
 if __name__ == "__main__":
     for name, fn in [("paper_table_smollm2.json", paper_table), ("prune_time_smollm2.json", prune_time_table),
                      ("gpu_check_h200.json", gpu_table), ("gpu_scale_h200.json", gpu_scale_table),
@@ -338,7 +376,8 @@ if __name__ == "__main__":
                      ("cslt_fp16_h200.json", cslt_fp16_table), ("cslt_fp16_algs_h200.json", cslt_fp16_algs_table),
                      ("storage_smollm2.json", storage_table), ("kill_resume_smollm2.json", kill_resume_table),
                      ("beyond_wanda_smollm2.json", beyond_table), ("beyond_wanda_gemma3.json", beyond_table),
-                     ("zero_shot_smollm2.json", zero_shot_table)]:
+                     ("zero_shot_smollm2.json", zero_shot_table),
+                     ("cli_e2e_smollm2_cpu.json", cli_e2e_real_table), ("cli_e2e_h200.json", cli_e2e_model_table)]:
         if (RESULTS / name).is_file():
             print(f"<!-- {name} -->\n{fn(RESULTS / name)}\n")
         else:
