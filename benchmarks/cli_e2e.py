@@ -176,11 +176,12 @@ def measure_floors(folder: Path, work: Path, tokens: torch.Tensor, batch: int, d
 
 # ---------------------------------------------------------------- one CLI run, watched from outside
 class Watch:
-    """Polls a child's resident memory and bytes written until it exits."""
+    """Polls a child's resident memory, its peak (VmHWM) and bytes written until it exits (the last
+    poll is at most ``every`` seconds before the exit)."""
 
     def __init__(self, pid: int, every: float = 0.2) -> None:
         self.pid, self.every = pid, every
-        self.rss_max = self.write_bytes = 0
+        self.rss_max = self.write_bytes = self.hwm = 0
         self.samples: list[tuple[float, int]] = []
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._poll, daemon=True)
@@ -190,13 +191,15 @@ class Watch:
         start = time.perf_counter()
         while not self._done.is_set():
             try:
-                status = Path(f"/proc/{self.pid}/status").read_text()
-                rss = int(next(l for l in status.splitlines() if l.startswith("VmRSS:")).split()[1]) * 1024
+                status = Path(f"/proc/{self.pid}/status").read_text().splitlines()
+                rss = int(next(l for l in status if l.startswith("VmRSS:")).split()[1]) * 1024
+                hwm = int(next(l for l in status if l.startswith("VmHWM:")).split()[1]) * 1024
                 io = Path(f"/proc/{self.pid}/io").read_text()
                 wb = int(next(l for l in io.splitlines() if l.startswith("write_bytes:")).split()[1])
             except (OSError, StopIteration, ValueError):
-                rss, wb = 0, self.write_bytes
+                rss, hwm, wb = 0, 0, self.write_bytes
             self.rss_max, self.write_bytes = max(self.rss_max, rss), max(self.write_bytes, wb)
+            self.hwm = max(self.hwm, hwm)
             if rss:
                 self.samples.append((round(time.perf_counter() - start, 2), rss))
             self._done.wait(self.every)
@@ -232,7 +235,10 @@ def run_cli(cmd: list[str], env: dict) -> dict:
     wall = time.perf_counter() - start
     watch.stop()
     proc.returncode = os.waitstatus_to_exitcode(status)
-    return {"rc": proc.returncode, "wall_s": wall, "peak_rss_bytes": usage.ru_maxrss * 1024,
+    # VmHWM belongs to the process image since its exec; wait4's ru_maxrss also counts the parent's resident
+    # memory at fork time (a benchmark that held a model would hide the child's own peak)
+    return {"rc": proc.returncode, "wall_s": wall, "peak_rss_bytes": watch.hwm,
+            "wait4_maxrss_bytes": usage.ru_maxrss * 1024,
             "polled_rss_max_bytes": watch.rss_max, "polled_write_bytes": watch.write_bytes,
             "rss_samples": watch.samples[:: max(1, len(watch.samples) // 60)], "output_tail": output[-1500:]}
 

@@ -136,15 +136,18 @@ def gpu_scale_table(path: Path) -> str:
 
 def stream_memory_table(path: Path) -> str:
     r = json.loads(path.read_text())
-    mib, base = 2**20, r["import_baseline_rss_bytes"]
+    mib, base, block = 2**20, r["import_baseline_rss_bytes"], r.get("block_bytes")
     out = [f"Llama-shaped model, {r['layers']} blocks of width {r['hidden']} / {r['intermediate']}, vocabulary "
-           f"{r['vocab']}, random fp32 weights ({r['model_bytes'] / mib:.0f} MiB), Wanda on the CPU, "
-           f"{r['calibration'][0]} x {r['calibration'][1]} tokens; each run its own process. Python with torch, "
+           f"{r['vocab']}, random fp32 weights ({r['model_bytes'] / mib:.0f} MiB"
+           + (f", {block / mib:.0f} MiB a block" if block else "") + f"), Wanda on the CPU, "
+           f"{r['calibration'][0]} x {r['calibration'][1]} tokens, `--out`; each run its own process. Python with torch, "
            f"transformers and llmprune imported holds {base / mib:.0f} MiB before any model.\n",
-           "| run | peak resident memory (MiB) | above the import baseline (MiB) |", "|---|---:|---:|"]
+           "| run | peak resident memory (MiB) | above the import baseline (MiB) |" + (" in blocks |" if block else ""),
+           "|---|---:|---:|" + ("---:|" if block else "")]
     for x in r["runs"]:
-        out.append(f"| {x['run'].replace('_', ' ')} | {x['peak_rss_bytes'] / mib:.0f} | "
-                   f"{(x['peak_rss_bytes'] - base) / mib:.0f} |")
+        above = x["peak_rss_bytes"] - base
+        out.append(f"| {x['run'].replace('_', ' ')} | {x['peak_rss_bytes'] / mib:.0f} | {above / mib:.0f} |"
+                   + (f" {above / block:.1f} |" if block else ""))
     out.append(f"\nSaved outputs identical: {r['outputs_identical']}.")
     return "\n".join(out)
 

@@ -22,6 +22,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, LlamaConfig
 
+from cli_e2e import run_cli  # the same subprocess watcher as the end-to-end benchmark (wait4 peak + polled RSS)
 from llmprune import report
 
 
@@ -36,10 +37,12 @@ def _word_tokenizer(size: int):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--layers", type=int, default=8)
+    # ~2.7 GB of fp32 blocks: large against the ~0.7 GB that importing torch and transformers takes, so the
+    # peaks can show a difference (a 250 MB model's peak was the import's)
+    ap.add_argument("--layers", type=int, default=24)
     ap.add_argument("--vocab", type=int, default=4096)  # small, so that the blocks are most of the model
-    ap.add_argument("--hidden", type=int, default=768)
-    ap.add_argument("--intermediate", type=int, default=2048)
+    ap.add_argument("--hidden", type=int, default=1536)
+    ap.add_argument("--intermediate", type=int, default=4096)
     ap.add_argument("--nsamples", type=int, default=2)
     ap.add_argument("--seqlen", type=int, default=64)
     ap.add_argument("--out", required=True)
@@ -51,6 +54,7 @@ def main():
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    block_bytes = sum(p.numel() * p.element_size() for p in model.model.layers[0].parameters())
     model.save_pretrained(work / "src", max_shard_size="200MB")
     del model
     _word_tokenizer(args.vocab).save_pretrained(work / "src")  # the in-memory path loads a tokenizer
@@ -62,9 +66,11 @@ def main():
                    "--calib-tokens", str(work / "tokens.npy"), "--device", "cpu", "--dtype", "float32",
                    "--out", str(work / name), "--report", str(work / f"{name}.json"), "--no-progress"]
         command += ["--stream-from-disk"] if streamed else []
-        subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+        run = run_cli(command, dict(os.environ))
+        assert run["rc"] == 0, run["output_tail"]
         rep = json.loads((work / f"{name}.json").read_text())
-        rows.append({"run": name, "peak_rss_bytes": rep["peak_memory_bytes"]["cpu"], "prune_s": rep["time"]["prune_s"],
+        rows.append({"run": name, "peak_rss_bytes": run["peak_rss_bytes"], "polled_rss_max_bytes": run["polled_rss_max_bytes"],
+                     "rss_samples": run["rss_samples"], "prune_s": rep["time"]["prune_s"],
                      "load_s": rep["time"]["load_s"], "command": "python " + shlex.join(command[1:])})
         print(rows[-1], flush=True)
 
@@ -74,15 +80,16 @@ def main():
             out.update(load_file(f))
         return out
 
-    probe = ("import resource, torch, transformers, safetensors, accelerate; import llmprune.cli, llmprune.api, "
+    # VmHWM, not ru_maxrss: a child's ru_maxrss starts at the parent's resident size when it forks
+    probe = ("import torch, transformers, safetensors, accelerate; import llmprune.cli, llmprune.api, "
              "llmprune.streaming; from transformers import LlamaForCausalLM; "
-             "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)")
+             "print(int([l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1]) * 1024)")
     baseline = int(subprocess.run([sys.executable, "-c", probe], check=True, capture_output=True, text=True).stdout)
     a, b = weights("in_memory"), weights("streamed")
     identical = set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
     report.write_json(args.out, {
         "command": " ".join(sys.argv), "machine": platform.machine(), "threads": torch.get_num_threads(),
-        "versions": report.versions(), "model_bytes": model_bytes, "vocab": args.vocab, "layers": args.layers, "hidden": args.hidden,
+        "versions": report.versions(), "model_bytes": model_bytes, "block_bytes": block_bytes, "vocab": args.vocab, "layers": args.layers, "hidden": args.hidden,
         "intermediate": args.intermediate, "calibration": [args.nsamples, args.seqlen], "runs": rows,
         "import_baseline_rss_bytes": baseline,
         "outputs_identical": identical})

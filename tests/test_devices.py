@@ -1,6 +1,7 @@
 """devices: the GPU memory counters in a process that has not initialised CUDA (checked on CPU by
 standing in for torch.cuda), and the reproducibility record."""
 
+import pytest
 import torch
 
 from llmprune import devices
@@ -55,3 +56,31 @@ def test_cpu_record_names_what_decides_rounding():
     assert info["blas"] and info["cpu_model"]  # e.g. "mkl", "Intel(R) Xeon(R) Processor"
     if torch.backends.mkldnn.is_available():
         assert info["onednn"].startswith("v")
+
+
+def test_streamed_runs_fix_the_mmap_threshold_and_others_keep_buffers(monkeypatch):
+    from llmprune import cli, devices
+
+    calls = []
+    monkeypatch.setattr(devices, "_mallopt", lambda *settings: calls.append(settings) or True)
+    assert devices.bound_cpu_heap() and calls == [((devices.M_MMAP_THRESHOLD, 1 << 20),)]
+    calls.clear()
+    monkeypatch.setattr(cli, "run", lambda: 0)
+    for argv, expected in ((["llmprune", "prune", "--stream-from-disk"], 1 << 20),
+                           (["llmprune", "prune"], 32 << 20)):
+        monkeypatch.setattr("sys.argv", argv)
+        with pytest.raises(SystemExit):
+            cli.main()
+        assert dict(calls.pop())[devices.M_MMAP_THRESHOLD] == expected
+
+
+def test_cpu_peak_is_this_process_image_high_water_mark():
+    import subprocess
+    import sys
+
+    # a child forked from a parent that holds 400 MB: ru_maxrss would count the parent's pages, VmHWM does not
+    code = ("import subprocess, sys; big = bytearray(400 << 20); big[::4096] = bytes(len(big[::4096]) * [1]); "
+            "print(subprocess.run([sys.executable, '-c', 'from llmprune import devices; "
+            "print(devices.peak_memory_bytes()[\"cpu\"])'], capture_output=True, text=True).stdout)")
+    peak = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    assert 50 << 20 < peak < 400 << 20  # ru_maxrss gave 431 MB here, VmHWM 233 MB

@@ -568,9 +568,11 @@ def _where(exc: BaseException) -> str:
 
 
 def main() -> None:
-    from .devices import tune_cpu_allocator
+    from .devices import bound_cpu_heap, tune_cpu_allocator
 
-    if "--stream-from-disk" not in sys.argv:  # a heap that keeps freed buffers would keep every block read
+    if "--stream-from-disk" in sys.argv:  # a heap that keeps freed buffers would keep every block read
+        bound_cpu_heap()
+    else:
         tune_cpu_allocator()
     sys.exit(run())
 

@@ -131,9 +131,21 @@ def reset_peak_memory() -> None:
             torch.cuda.reset_peak_memory_stats(i)
 
 
+def _cpu_peak_bytes() -> int:
+    """VmHWM of this process image; ``ru_maxrss`` where /proc is missing (it also counts, after an exec,
+    the resident size of the process that forked this one)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
 def peak_memory_bytes() -> dict[str, int | None]:
     """Peak resident memory of this process, and peak allocated GPU memory summed over GPUs (None: no GPU)."""
-    cpu = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    cpu = _cpu_peak_bytes()
     gpu = None
     if _cuda_in_use():
         gpu = sum(torch.cuda.max_memory_allocated(i) for i in range(torch.cuda.device_count()))
@@ -147,13 +159,8 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def tune_cpu_allocator() -> bool:
-    """Keep freed activation buffers in glibc's heap instead of returning them to the OS.
-
-    Block-sized activations are tens of MB; by default glibc maps and unmaps each one, and the
-    kernel zeroes the pages again on every forward (seen as system time). Called by the CLI and
-    benchmarks, never at import. Returns False where the C library has no mallopt.
-    """
+def _mallopt(*settings: tuple[int, int]) -> bool:
+    """glibc's mallopt; False where the C library has none."""
     import ctypes
     import ctypes.util
 
@@ -162,11 +169,35 @@ def tune_cpu_allocator() -> bool:
         return False
     try:
         libc = ctypes.CDLL(name)
-        m_trim_threshold, m_mmap_threshold = -1, -3
-        ok = libc.mallopt(m_mmap_threshold, 32 * 1024 * 1024)  # glibc's largest allowed value
-        return bool(ok and libc.mallopt(m_trim_threshold, 4 * 1024 * 1024 * 1024 - 1))
+        return all(libc.mallopt(param, value) for param, value in settings)
     except (OSError, AttributeError):
         return False
+
+
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+
+
+def tune_cpu_allocator() -> bool:
+    """Keep freed activation buffers in glibc's heap instead of returning them to the OS.
+
+    Block-sized activations are tens of MB; by default glibc maps and unmaps each one, and the
+    kernel zeroes the pages again on every forward (seen as system time). Called by the CLI and
+    benchmarks, never at import. Returns False where the C library has no mallopt.
+    """
+    return _mallopt((M_MMAP_THRESHOLD, 32 * 1024 * 1024),  # glibc's largest allowed value
+                    (M_TRIM_THRESHOLD, 4 * 1024 * 1024 * 1024 - 1))
+
+
+def bound_cpu_heap() -> bool:
+    """Give every buffer of 1 MiB or more back to the OS when it is freed (a streamed run's memory stays flat).
+
+    glibc raises its mmap threshold each time a mapped buffer is freed, so after the first blocks a
+    block's tensors come from the heap, and the freed ones fragment it: a streamed run's resident
+    memory then grew by about 45 MB per block (1.0 to 2.1 GB over 24 blocks of 113 MB, measured in
+    ``benchmarks/stream_memory.py``). A fixed threshold turns that adjustment off. Called by the CLI
+    for ``--stream-from-disk``, never at import.
+    """
+    return _mallopt((M_MMAP_THRESHOLD, 1024 * 1024))
 
 
 def free_bytes(device: torch.device) -> int | None:
