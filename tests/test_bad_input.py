@@ -89,6 +89,7 @@ CLI_CASES = {
     "calib tokens missing": (["--calib-tokens", "{tmp}/none.npy"], "--calib-tokens {tmp}/none.npy: no such file"),
     "calib tokens out of vocabulary": (["--calib-tokens", "{file:big.npy}"], "token ids must lie in [0, 384)"),
     "unknown eval set": (["--eval", "wikitext3"], "--eval: unknown set 'wikitext3'; choose from wikitext2, ptb, c4"),
+    "unknown zero-shot task": (["--eval-tasks", "nosuchtask"], "--eval-tasks: unknown task 'nosuchtask'; choose from"),
     "eval windows 0": (["--max-eval-windows", "0"], "--max-eval-windows must be >= 1"),
     "cuda without a GPU": (["--device", "cuda"], "--device cuda: no CUDA GPU is visible on this machine; use --device cpu"),
     "unknown device": (["--device", "tpu"], "--device must be auto, cpu, cuda or cuda:N, got 'tpu'"),

@@ -157,3 +157,11 @@ def test_weights_placement_moves_the_whole_model_only_when_it_fits(monkeypatch):
     with pytest.raises(UsageError, match="--weights gpu: the model .* do not fit on cuda:0 together; use --weights cpu"):
         cli._place_weights(model, "gpu", gpu, tokens, 2, ("norms",), "auto")
     assert cli._place_weights(model, "auto", torch.device("cpu"), tokens, 2, ("norms",), "auto") == "cpu"
+
+
+def test_help_is_plain_text(capsys):
+    """`N:M:` once came out as an emoji (rich's `:M:` shortcode) and boolean flags showed a `<bool>` value."""
+    code = run(["prune", "--help"])
+    text = capsys.readouterr().out
+    assert code == 0 and "N:M: choose masks on permuted input channels" in " ".join(text.split())
+    assert "Ⓜ" not in text and "<bool>" not in text

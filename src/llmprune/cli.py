@@ -16,7 +16,7 @@ from rich.table import Table
 
 from .errors import UsageError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="One-shot pruning of large language models.",
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None, help="One-shot pruning of large language models.",
                   pretty_exceptions_show_locals=False)
 console = Console(stderr=True)
 
@@ -202,7 +202,7 @@ def _prune(*, world, model, method, sparsity, pattern, layerwise, owl_m, owl_lam
         raise UsageError("--permute only changes N:M masks; use it with --pattern N:M")
     calibration = Calibration(calib, nsamples, seqlen, seed)
     main = world.is_main  # the other ranks only take their share of the calibration work
-    extra_sets, zs_tasks = zeroshot.split_task_list(eval_tasks)
+    extra_sets, zs_tasks = zeroshot.split_task_list(eval_tasks, flag="--eval-tasks")
     sets = tuple(dict.fromkeys(parse_sets(eval_sets) + extra_sets))
     settings = EvalSettings(sets if main else (), eval_seqlen or seqlen, max_eval_windows)
     zs_settings = zeroshot.ZeroShotSettings(zs_tasks, limit, eval_batch_size) if zs_tasks and main else None

@@ -60,14 +60,18 @@ class ZeroShotSettings:
             raise UsageError(f"--eval-batch-size must be >= 1, got {self.batch_size}")
 
 
-def split_task_list(text: str | None) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """A comma list of names -> (perplexity sets, zero-shot tasks), each in the order given."""
+def split_task_list(text: str | None, flag: str = "--tasks") -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """A comma list of names -> (perplexity sets, zero-shot tasks), each in the order given; an unknown
+    name is an error naming ``flag``, the option the list came from."""
     from .data import EVAL_SETS
 
     names = [s.strip().lower() for s in (text or "").split(",") if s.strip()]
     ppl = tuple(dict.fromkeys(n for n in names if n in EVAL_SETS))
     zs = tuple(dict.fromkeys(n for n in names if n not in EVAL_SETS))
-    ZeroShotSettings(zs)  # unknown names fail here, before any work
+    try:
+        ZeroShotSettings(zs)  # unknown names fail here, before any work
+    except UsageError as exc:
+        raise UsageError(str(exc).replace("--tasks:", f"{flag}:", 1)) from None
     return ppl, zs
 
 
