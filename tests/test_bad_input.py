@@ -101,6 +101,8 @@ CLI_CASES = {
     "output folder not empty": (["--out", "{dest}/full"], "exists and is not empty; choose another folder or pass --overwrite"),
     "output parent missing": (["--out", "{tmp}/no/such/out"], "the parent folder {tmp}/no/such does not exist; create it first"),
     "report path is a folder": (["--report", "{tmp}"], "--report {tmp} is a folder; give a file path such as run.json"),
+    "report under a file": (["--report", "{tmp}/a-file/run.json"], "--report {tmp}/a-file/run.json: cannot write there"),
+    "eval: report under a file": (["eval", "--model", "{tiny}", "--report", "{tmp}/a-file/run.json"], "--report {tmp}/a-file/run.json: cannot write there"),
     "data dir missing": (["--data-dir", "{tmp}/nodata"], "--data-dir {tmp}/nodata is not a directory"),
     "model path missing": (["prune!", "--model", "{tmp}/does-not-exist"], "no such file or folder"),
     "folder that is not a model": (["prune!", "--model", "{file:no_model}"], "the folder has no config.json, so it is not a Hugging Face model folder"),
@@ -178,6 +180,8 @@ def test_cli_bad_input(case, files, tiny_folder, tmp_path, ddir, monkeypatch, ca
         (dest / "full" / "keep").write_text("x")
     if case == "no disk space":
         _no_space(monkeypatch)
+    if "report under a file" in case:  # its folder is a file: the report could never be written
+        (tmp / "a-file").write_text("x")
     before = sorted(p.name for p in dest.iterdir())
     argv, expected = _argv(case, tiny_folder, tmp, dest, ddir, made)
     code = cli.run(argv)

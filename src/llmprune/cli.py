@@ -227,7 +227,7 @@ def _prune(*, world, model, method, sparsity, pattern, layerwise, owl_m, owl_lam
     if report is not None and report.is_dir():
         raise UsageError(f"--report {report} is a folder; give a file path such as run.json")
     if report is not None:
-        report.parent.mkdir(parents=True, exist_ok=True)
+        integrity.check_writable(report, "--report")
     if calib_tokens is not None and not calib_tokens.is_file():
         raise UsageError(f"--calib-tokens {calib_tokens}: no such file")
     ddir = data.data_dir(data_dir)
@@ -406,6 +406,10 @@ def eval_cmd(
             zeroshot.check_local_data(zs_settings.tasks, ddir)
         if report is not None and report.is_dir():
             raise UsageError(f"--report {report} is a folder; give a file path such as eval.json")
+        if report is not None:
+            from .integrity import check_writable
+
+            check_writable(report, "--report")
         t0 = time.perf_counter()
         lm, tok, info = loading.load_model(model, dt, trust_remote_code, progress)
         load_s = time.perf_counter() - t0

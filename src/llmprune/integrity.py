@@ -144,6 +144,22 @@ def verify_output(folder: str | os.PathLike, label: str = "--model") -> None:
                          f"remove it, or {fix}")
 
 
+def check_writable(path: Path, flag: str) -> None:
+    """Refuse, before any work, an output file that could not be written at the end: its folder is made if
+    missing and a probe file is created and removed in it (a permission check alone is blind for root)."""
+    import tempfile
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.probe-"):
+            pass
+        if path.exists() and not os.access(path, os.W_OK):
+            raise PermissionError(errno.EACCES, "the file is read-only")
+    except OSError as exc:
+        raise UsageError(f"{flag} {path}: cannot write there ({exc.strerror or exc}); choose a writable "
+                         "location") from None
+
+
 def disk_error(exc: OSError, where: Path, after: str = "") -> UsageError:
     """A one-line UsageError for a failed write (no space, read-only, quota)."""
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
