@@ -263,3 +263,23 @@ def test_api_bad_input(case, tmp_path, tokenizer, monkeypatch):
 
 def test_matrix_is_large_enough():
     assert len(CLI_CASES) + len(API_IDS) >= 25
+
+
+@pytest.mark.parametrize("name,content,expected", [
+    ("notext.jsonl", json.dumps({"content": "x"}) + "\n", "line 1 has no string 'text' field"),
+    ("latin1.jsonl", "{\"text\": \"caf\xe9\"}\n".encode("latin-1"), "not UTF-8 text"),
+    ("empty.txt", "", "the file is empty"),
+])
+def test_bad_calibration_file_is_refused_before_the_model_loads(name, content, expected, tmp_path, tiny_folder,
+                                                                 monkeypatch, capsys):
+    from llmprune import loading
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model was loaded before the calibration file was checked")
+
+    monkeypatch.setattr(loading, "load_model", never)
+    path = _write(tmp_path / name, content)
+    code = cli.run(["prune", "--model", str(tiny_folder), "--calib", str(path), "--eval", "", "--device", "cpu",
+                    "--no-progress"])
+    lines = [l for l in capsys.readouterr().err.splitlines() if l.strip()]
+    assert code == 2 and len(lines) == 1 and expected in lines[0], lines

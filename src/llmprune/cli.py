@@ -230,6 +230,8 @@ def _prune(*, world, model, method, sparsity, pattern, layerwise, owl_m, owl_lam
         integrity.check_writable(report, "--report")
     if calib_tokens is not None and not calib_tokens.is_file():
         raise UsageError(f"--calib-tokens {calib_tokens}: no such file")
+    if calib_tokens is None and (method_obj.needs or isinstance(layerwise_obj, OWL)):
+        data.check_calibration_source(calib)  # a bad file is refused before the model is loaded
     ddir = data.data_dir(data_dir)
     if zs_settings is not None:
         zeroshot.require_lm_eval()

@@ -177,6 +177,29 @@ def _read_text_file(path: Path) -> str:
     return text
 
 
+def _calibration_texts(path: Path) -> list[str]:
+    """The documents of a calibration file (.jsonl: the ``text`` field of each line; else the whole text)."""
+    if path.suffix != ".jsonl":
+        return [_read_text_file(path)]
+    try:
+        texts = _read_jsonl_texts(path)
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"--calib {path}: not UTF-8 text (byte {exc.start}); convert it to UTF-8") from None
+    if not texts:
+        raise UsageError(f"--calib {path}: the file has no documents")
+    return texts
+
+
+def check_calibration_source(source: str) -> None:
+    """Read and check a calibration file before any model is loaded (a bad file then costs no loading)."""
+    if source in CALIB_SETS:
+        return
+    path = Path(source)
+    if not path.is_file():
+        raise UsageError(f"--calib must be {' or '.join(CALIB_SETS)} or a path to a .txt/.jsonl file; {source!r} is neither")
+    _calibration_texts(path)
+
+
 def calibration_tokens(tokenizer, source: str, nsamples: int, seqlen: int, seed: int, ddir: Path | None = None) -> torch.Tensor:
     """Calibration windows ``[nsamples, seqlen]`` of token ids."""
     if source == "c4":
@@ -185,15 +208,12 @@ def calibration_tokens(tokenizer, source: str, nsamples: int, seqlen: int, seed:
     if source == "wikitext2":
         rows = _wikitext_rows(ddir, "train")
         return _sample_stream(_encode(tokenizer, " ".join(rows)), nsamples, seqlen, seed, "wikitext2")
+    check_calibration_source(source)
     path = Path(source)
-    if not path.is_file():
-        raise UsageError(f"--calib must be {' or '.join(CALIB_SETS)} or a path to a .txt/.jsonl file; {source!r} is neither")
+    texts = _calibration_texts(path)
     if path.suffix == ".jsonl":
-        texts = _read_jsonl_texts(path)
-        if not texts:
-            raise UsageError(f"--calib {path}: the file has no documents")
         return _sample_documents([_encode(tokenizer, t) for t in texts], nsamples, seqlen, seed, str(path))
-    return _file_windows(_encode(tokenizer, _read_text_file(path)), nsamples, seqlen, seed, str(path))
+    return _file_windows(_encode(tokenizer, texts[0]), nsamples, seqlen, seed, str(path))
 
 
 def _read_token_array(path: Path) -> np.ndarray:
