@@ -165,3 +165,19 @@ def test_help_is_plain_text(capsys):
     text = capsys.readouterr().out
     assert code == 0 and "N:M: choose masks on permuted input channels" in " ".join(text.split())
     assert "Ⓜ" not in text and "<bool>" not in text
+
+
+def test_unreachable_sparsity_is_a_warning_in_the_report_and_on_screen(tiny_folder, tmp_path, ddir, capsys):
+    rep = tmp_path / "run.json"
+    code = run(["prune", "--model", str(tiny_folder), "--sparsity", "0.999", "--method", "magnitude", "--eval", "",
+                "--device", "cpu", "--no-progress", "--report", str(rep), "--data-dir", str(ddir)])
+    report = json.loads(rep.read_text())
+    reached = report["sparsity_overall"]  # magnitude compares over each matrix: int(rows x cols x 0.999) pruned
+    assert code == 0 and 0.99 < reached < 0.999 - 1e-4
+    assert report["warnings"] == [f"sparsity reached {reached:.4f}, not the target 0.9990: each comparison group "
+                                  "(a row, a matrix or an N:M group) prunes a whole number of weights, and weights "
+                                  "that were zero before count as pruned"]
+    assert f"warning: sparsity reached {reached:.4f}" in " ".join(capsys.readouterr().err.split())
+    run(["prune", "--model", str(tiny_folder), "--sparsity", "0.5", "--method", "magnitude", "--eval", "",
+         "--device", "cpu", "--no-progress", "--report", str(rep), "--data-dir", str(ddir)])
+    assert json.loads(rep.read_text())["warnings"] == []

@@ -25,6 +25,10 @@ from .patterns import Pattern, Unstructured, parse_pattern
 from .runner import LayerResult, prune_blocks
 
 
+TARGET_TOLERANCE = 1e-4
+"""A reached overall sparsity further than this from the target is reported as a warning."""
+
+
 @dataclass
 class PruneResult:
     method: str
@@ -45,7 +49,16 @@ class PruneResult:
 
     @property
     def warnings(self) -> list[str]:
-        return [w for r in self.layers for w in r.warnings]
+        """Each layer's numerical fix-ups, then a note if the whole model missed its target sparsity."""
+        return [w for r in self.layers for w in r.warnings] + self._target_warning()
+
+    def _target_warning(self) -> list[str]:
+        target, reached = self.pattern.target, self.sparsity_overall
+        if not self.layers or abs(reached - target) <= TARGET_TOLERANCE:
+            return []
+        why = ("each comparison group (a row, a matrix or an N:M group) prunes a whole number of weights, and "
+               "weights that were zero before count as pruned")
+        return [f"sparsity reached {reached:.4f}, not the target {target:.4f}: {why}"]
 
     @property
     def sparsity_overall(self) -> float:

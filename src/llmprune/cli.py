@@ -101,6 +101,10 @@ def _print_summary(report: dict) -> None:
         f"{report['device']} {report['dtype']}",
         highlight=False,
     )
+    for note in report.get("warnings", [])[:3]:
+        console.print(f"[bold yellow]warning:[/] {note}", highlight=False, soft_wrap=True)
+    if len(report.get("warnings", [])) > 3:
+        console.print(f"({len(report['warnings']) - 3} more warnings in the report)", highlight=False)
 
 
 @app.command()
