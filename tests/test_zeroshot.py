@@ -297,3 +297,12 @@ def test_uniform_logits_perplexity_is_vocabulary_size(tokenizer, ddir):
                                        "cpu", ddir, progress=False)
     for name in ("wikitext2", "ptb"):
         assert out[name].perplexity == pytest.approx(VOCAB, rel=1e-5) and out[name].windows == 3
+
+
+def test_no_git_noise_outside_a_checkout(ddir, tokenizer, manager, tmp_path, monkeypatch, capfd):
+    """lm-eval runs `git describe` for its version stamp; outside a checkout git said `fatal: not a git
+    repository` once per task."""
+    monkeypatch.chdir(tmp_path)
+    settings = zeroshot.ZeroShotSettings(("rte", "piqa"), limit=1)
+    zeroshot.evaluate_zero_shot(tiny_model("llama"), tokenizer, settings, ddir, progress=False, manager=manager)
+    assert "not a git repository" not in capfd.readouterr().err

@@ -10,10 +10,12 @@ lm-eval is imported only here, and only when a zero-shot task runs (``pip instal
 from __future__ import annotations
 
 import bz2
+import contextlib
 import json
 import logging
 import math
 import os
+import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,6 +60,31 @@ class ZeroShotSettings:
             raise UsageError(f"--limit must be >= 1, got {self.limit}")
         if self.batch_size is not None and self.batch_size < 1:
             raise UsageError(f"--eval-batch-size must be >= 1, got {self.batch_size}")
+
+
+@contextlib.contextmanager
+def _quiet_version_stamp():
+    """lm-eval stamps its results with ``git describe`` run in the current folder; outside a git checkout git
+    prints ``fatal: not a git repository`` for every task. The same stamp, with git's stderr discarded."""
+    import lm_eval.evaluator as evaluator
+
+    original = getattr(evaluator, "get_git_commit_hash", None)
+    if original is None:  # another lm-eval layout: leave it alone
+        yield
+        return
+
+    def quiet() -> str | None:
+        try:
+            out = subprocess.check_output(["git", "describe", "--always"], stderr=subprocess.DEVNULL)
+        except (OSError, subprocess.CalledProcessError):
+            return None
+        return out.strip().decode()
+
+    evaluator.get_git_commit_hash = quiet
+    try:
+        yield
+    finally:
+        evaluator.get_git_commit_hash = original
 
 
 def split_task_list(text: str | None, flag: str = "--tasks") -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -234,9 +261,10 @@ def evaluate_zero_shot(model, tokenizer, settings: ZeroShotSettings, data_dir=No
             raise UsageError(f"zero-shot task {task}: lm-eval could not load its hub dataset ({type(exc).__name__}: "
                              f"{str(exc)[:200]}); with no network, pass --data-dir (or set LLMPRUNE_DATA_DIR) "
                              f"to a folder holding {LOCAL_FILES[task][0]}") from None
-        res = lm_eval.simple_evaluate(model=lm, tasks=[task_obj], num_fewshot=0, limit=settings.limit,
-                                      task_manager=manager, log_samples=False, bootstrap_iters=1000,
-                                      verbosity="ERROR")
+        with _quiet_version_stamp():
+            res = lm_eval.simple_evaluate(model=lm, tasks=[task_obj], num_fewshot=0, limit=settings.limit,
+                                          task_manager=manager, log_samples=False, bootstrap_iters=1000,
+                                          verbosity="ERROR")
         elapsed = time.perf_counter() - t0
         metrics = res["results"][task]
         source = ("local:" + ",".join(LOCAL_FILES[task])) if ddir is not None else \
