@@ -181,3 +181,16 @@ def test_unreachable_sparsity_is_a_warning_in_the_report_and_on_screen(tiny_fold
     run(["prune", "--model", str(tiny_folder), "--sparsity", "0.5", "--method", "magnitude", "--eval", "",
          "--device", "cpu", "--no-progress", "--report", str(rep), "--data-dir", str(ddir)])
     assert json.loads(rep.read_text())["warnings"] == []
+
+
+def test_eval_of_a_saved_folder_uses_the_window_the_prune_run_used(tiny_folder, tmp_path, ddir, capsys):
+    out, rep, ev = tmp_path / "out", tmp_path / "run.json", tmp_path / "eval.json"
+    common = ["--device", "cpu", "--dtype", "float32", "--no-progress", "--data-dir", str(ddir), "--max-eval-windows", "3"]
+    assert run(["prune", "--model", str(tiny_folder), "--seqlen", "32", "--nsamples", "2", "--out", str(out),
+                "--report", str(rep), *common]) == 0
+    assert run(["eval", "--model", str(out), "--report", str(ev), *common]) == 0
+    pruned, again = json.loads(rep.read_text())["perplexity"]["wikitext2"], json.loads(ev.read_text())["perplexity"]["wikitext2"]
+    assert again["seqlen"] == pruned["seqlen"] == 32 and again["perplexity"] == pruned["pruned"]
+    capsys.readouterr()
+    assert run(["eval", "--model", str(tiny_folder), *common]) == 2  # not a llmprune output: 2048, beyond its context
+    assert "--eval-seqlen 2048 is longer than the model's context of 256 tokens" in capsys.readouterr().err

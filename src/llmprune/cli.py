@@ -381,7 +381,8 @@ def eval_cmd(
                               "winogrande, arc_easy, arc_challenge, openbookqa, piqa) and/or perplexity sets (wikitext2, ptb, c4)."),
     eval_sets: Optional[str] = typer.Option(None, "--eval", help="Comma list of perplexity sets (default: wikitext2 "
                                             "when --tasks is not given)."),
-    eval_seqlen: int = typer.Option(2048, "--eval-seqlen", help="Evaluation window length."),
+    eval_seqlen: Optional[int] = typer.Option(None, "--eval-seqlen", help="Evaluation window length (default: the "
+                                              "window the prune run that saved --model evaluated with, else 2048)."),
     max_eval_windows: Optional[int] = MaxWinOpt,
     limit: Optional[int] = LimitOpt,
     eval_batch_size: Optional[int] = ZsBatchOpt,
@@ -400,6 +401,8 @@ def eval_cmd(
         ppl_sets, zs_tasks = zeroshot.split_task_list(tasks)
         if eval_sets is None:
             eval_sets = "" if tasks.strip() else "wikitext2"
+        if eval_seqlen is None:
+            eval_seqlen = _saved_eval_seqlen(model, progress) or 2048
         settings = EvalSettings(tuple(dict.fromkeys(parse_sets(eval_sets) + ppl_sets)), eval_seqlen, max_eval_windows)
         zs_settings = zeroshot.ZeroShotSettings(zs_tasks, limit, eval_batch_size) if zs_tasks else None
         if not settings.sets and zs_settings is None:
@@ -449,6 +452,24 @@ def eval_cmd(
                                              f"0-shot, limit {h['limit']})"))
     except UsageError as exc:
         _fail(exc)
+
+
+def _saved_eval_seqlen(model: str, progress: bool) -> int | None:
+    """The window length the prune run that saved the folder ``model`` evaluated with (its own --seqlen when
+    it evaluated nothing), so that `llmprune eval DIR` prints the numbers the run printed."""
+    from .integrity import REPORT_NAME
+
+    path = Path(model).expanduser() / REPORT_NAME
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    seqlens = [row.get("seqlen") for row in (saved.get("perplexity") or {}).values()]
+    seqlen = next((s for s in seqlens if isinstance(s, int)), None) or (saved.get("calibration") or {}).get("seqlen")
+    if isinstance(seqlen, int) and progress:
+        console.print(f"evaluating with {seqlen}-token windows, as the run that saved {model} did "
+                      "(--eval-seqlen to change)", highlight=False)
+    return seqlen if isinstance(seqlen, int) else None
 
 
 @app.command()
