@@ -24,7 +24,8 @@ install: $(VENV)/.installed
 
 demo: install
 	$(VENV)/bin/llmprune prune --model smollm2-135m --method wanda --sparsity 0.5 \
-		--calib c4 --nsamples 32 --seqlen 512 --eval wikitext2 --max-eval-windows 32 --report runs/demo.json
+		--calib c4 --nsamples 32 --seqlen 512 --eval wikitext2 --max-eval-windows 32 --dtype float32 \
+		--report runs/demo.json   # float32: the numbers of the README tables (auto is bfloat16 on CPUs with native bf16)
 
 test: install
 	$(PY) -m pytest -q

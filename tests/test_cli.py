@@ -194,3 +194,14 @@ def test_eval_of_a_saved_folder_uses_the_window_the_prune_run_used(tiny_folder, 
     capsys.readouterr()
     assert run(["eval", "--model", str(tiny_folder), *common]) == 2  # not a llmprune output: 2048, beyond its context
     assert "--eval-seqlen 2048 is longer than the model's context of 256 tokens" in capsys.readouterr().err
+
+
+def test_summary_says_where_the_report_and_model_are_and_which_way_is_better(tiny_folder, tmp_path, ddir, capsys):
+    out, rep = tmp_path / "out", tmp_path / "runs" / "demo.json"
+    assert run(["prune", "--model", str(tiny_folder), "--seqlen", "32", "--nsamples", "2", "--max-eval-windows", "2",
+                "--device", "cpu", "--dtype", "float32", "--no-progress", "--data-dir", str(ddir), "--out", str(out),
+                "--report", str(rep)]) == 0
+    text = capsys.readouterr().out
+    assert "perplexity: lower is better; cpu, float32" in text
+    assert f"report written to {rep}" in text and f"pruned model saved in {out}" in text
+    assert "time: load" in text and "sparsity 0.5000 (target 0.5000) on cpu in float32" in text

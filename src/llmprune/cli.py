@@ -81,8 +81,9 @@ def _zero_shot_table(section: dict, title: str) -> Table:
     return table
 
 
-def _print_summary(report: dict) -> None:
-    table = Table(title=f"{report['model']['spec']}: {report['method']} {report['pattern']}")
+def _print_summary(report: dict, report_path: Path | None = None, out: Path | None = None) -> None:
+    table = Table(title=f"{report['model']['spec']}: {report['method']} {report['pattern']}",
+                  caption=f"perplexity: lower is better; {report['device']}, {report['dtype']}" if report["perplexity"] else None)
     table.add_column("set")
     table.add_column("seqlen x windows", justify="right")
     table.add_column("dense ppl", justify="right")
@@ -95,12 +96,15 @@ def _print_summary(report: dict) -> None:
         Console().print(_zero_shot_table(report["zero_shot"], f"zero-shot (lm-eval {h['lm_eval']}, 0-shot, "
                                                              f"limit {h['limit']}; mean acc_norm uses acc where a task has no acc_norm)"))
     t = report["time"]
-    Console().print(
-        f"sparsity {report['sparsity_overall']:.4f} (target {report['sparsity_target']:.4f}) | "
-        f"load {t['load_s']:.1f}s  prune {t['prune_s']:.1f}s  save {t.get('save_s', 0.0):.1f}s  eval {t['eval_s']:.1f}s | "
-        f"{report['device']} {report['dtype']}",
-        highlight=False,
-    )
+    say = Console(soft_wrap=True, highlight=False).print  # whole lines: a narrow terminal folds them, never cuts
+    say(f"sparsity {report['sparsity_overall']:.4f} (target {report['sparsity_target']:.4f}) on {report['device']} "
+        f"in {report['dtype']}")
+    say(f"time: load {t['load_s']:.1f}s  prune {t['prune_s']:.1f}s  save {t.get('save_s', 0.0):.1f}s  "
+        f"eval {t['eval_s']:.1f}s")
+    if out is not None:
+        say(f"pruned model saved in {out}")
+    if report_path is not None:
+        say(f"report written to {report_path}")
     for note in report.get("warnings", [])[:3]:
         console.print(f"[bold yellow]warning:[/] {note}", highlight=False, soft_wrap=True)
     if len(report.get("warnings", [])) > 3:
@@ -314,7 +318,7 @@ def _prune(*, world, model, method, sparsity, pattern, layerwise, owl_m, owl_lam
         st = staged.storage
         Console().print(f"pruned Linear weights: {st['linear_stored_bytes'] / 2**20:.1f} MiB stored vs "
                         f"{st['linear_dense_bytes'] / 2**20:.1f} MiB dense ({st['linear_ratio']:.3f}x)", highlight=False)
-    _print_summary(payload)
+    _print_summary(payload, report, out)
 
 
 def _check_weights(weights: str, dev, stream_from_disk: bool) -> None:
