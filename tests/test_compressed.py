@@ -182,3 +182,27 @@ def test_cli_prune_compressed_then_eval(tiny_folder, tmp_path):
     assert int((model.model.layers[0].mlp.down_proj.weight == 0).sum()) == model.model.layers[0].mlp.down_proj.weight.numel() // 2
     res = runner.invoke(app, ["prune", "--model", str(tiny_folder), "--format", "zip", "--out", str(tmp_path / "z")])
     assert res.exit_code == 2 and "--format must be dense or compressed" in res.output
+
+
+def test_compressed_and_dense_folders_reload_as_the_run_hashed_and_evaluate_alike(tiny_folder, tmp_path):
+    """The compressed folder's report hash once differed from its reload (-0.0 against +0.0), and a bf16
+    reload cast the rotary frequencies to bf16 where from_pretrained keeps them fp32 (277.472 vs 277.343)."""
+    from llmprune.cli import run
+    from llmprune.integrity import state_sha256
+
+    outs = {}
+    for fmt in ("dense", "compressed"):
+        outs[fmt] = tmp_path / fmt
+        assert run(["prune", "--model", str(tiny_folder), "--method", "magnitude", "--pattern", "2:4", "--eval", "",
+                    "--out", str(outs[fmt]), "--format", fmt, "--no-progress", "--device", "cpu",
+                    "--dtype", "float32"]) == 0
+        report = json.loads((outs[fmt] / "llmprune_report.json").read_text())
+        reloaded = llmprune.load(outs[fmt])
+        assert state_sha256(reloaded) == report["weights_sha256"], fmt
+        zeros = torch.cat([p.detach().reshape(-1) for p in reloaded.parameters()])
+        assert not torch.signbit(zeros[zeros == 0]).any(), fmt
+    dense, packed = (llmprune.load(outs[f], dtype=torch.bfloat16) for f in ("dense", "compressed"))
+    assert {n: b.dtype for n, b in dense.named_buffers()} == {n: b.dtype for n, b in packed.named_buffers()}
+    ids = torch.randint(3, 300, (1, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(dense(ids).logits, packed(ids).logits)

@@ -269,10 +269,11 @@ def load(folder: str | os.PathLike, dtype: torch.dtype | None = None, check_patt
     missing = set(model.state_dict()) - set(state)
     if missing:
         raise UsageError(f"{folder / WEIGHTS_NAME} lacks {len(missing)} tensors of this model, e.g. {sorted(missing)[0]}")
+    if dtype is not None:  # the stored tensors only: buffers computed at init (rotary frequencies) keep their
+        # dtype, as from_pretrained(dtype=...) keeps them, so both folders evaluate the same
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     model.load_state_dict(state, strict=True, assign=True)
     model.tie_weights()
-    if dtype is not None:
-        model.to(dtype)
     return model.eval()
 
 

@@ -218,5 +218,7 @@ def _prune_layer(method, pattern, layer, collector, name: str, full_name: str, i
     except NumericalError as exc:
         raise NumericalError(f"{where}: {exc}") from None
     check_finite([new_w], f"the pruned weight of {where}", dtype)
-    set_weight_matrix(layer, new_w)
+    # a masked negative weight is -0.0 after w * mask; +0.0 everywhere (x + 0.0 changes nothing else), so the
+    # saved zeros, the report's weights_sha256 and a compressed folder's reload agree bit for bit
+    set_weight_matrix(layer, new_w + 0.0)
     return LayerResult(full_name, tuple(w.shape), int((w == 0).sum()), [f"{full_name}: {n}" for n in notes])
