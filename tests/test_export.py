@@ -146,3 +146,23 @@ def test_shards_are_safetensors_files_with_their_sha256(tmp_path):
         assert f.metadata() == {"format": "pt"}
     assert record["sha256"] == file_sha256(tmp_path / "x.safetensors")
     assert record["bytes"] == (tmp_path / "x.safetensors").stat().st_size and record["tensors"] == sorted(tensors)
+
+
+@pytest.mark.parametrize("fmt", ["dense", "compressed"])
+def test_saved_files_share_one_mode(tiny_folder, tmp_path, fmt):
+    """transformers writes model.safetensors 0600 while every other file was 0644."""
+    import os
+    import stat
+
+    from llmprune.cli import run
+
+    out = tmp_path / "out"
+    args = ["prune", "--model", str(tiny_folder), "--method", "magnitude", "--eval", "", "--out", str(out),
+            "--no-progress", "--device", "cpu", "--format", fmt]
+    if fmt == "compressed":
+        args += ["--pattern", "2:4"]
+    assert run(args) == 0
+    mask = os.umask(0)
+    os.umask(mask)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir() if p.is_file()}
+    assert set(modes.values()) == {0o666 & ~mask}, modes

@@ -137,6 +137,16 @@ def stage_pruned(model, tokenizer, out: str | os.PathLike, overwrite: bool = Fal
     return Staged(tmp, sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file()), storage=storage)
 
 
+def _readable_modes(folder: Path) -> None:
+    """Every file gets the mode a plain new file gets here (0644 under umask 022): ``save_pretrained`` writes
+    its weights 0600, so the model file alone was unreadable to other users of a shared output."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for path in folder.rglob("*"):
+        if path.is_file():
+            os.chmod(path, 0o666 & ~mask)
+
+
 def seal(staged: Staged, out: str | os.PathLike, report: dict, after_error: str = "") -> Path:
     """Add the report and the manifest (written last), drop the checkpoint state, rename the folder to ``out``.
 
@@ -144,6 +154,7 @@ def seal(staged: Staged, out: str | os.PathLike, report: dict, after_error: str 
     out, folder = Path(out).expanduser(), staged.folder
     try:
         write_json_atomic(folder / REPORT_NAME, report)
+        _readable_modes(folder)
         write_manifest(folder, staged.known, exclude={STATE_NAME})
         (folder / STATE_NAME).unlink(missing_ok=True)
         fsync_path(folder)
