@@ -83,3 +83,12 @@ def test_whole_model_on_the_gpu_only_when_model_and_run_fit_beside_each_other():
     assert whole_model_fits(model, 4, 16, 2, ("norms",), GPU, "auto", need, None)
     assert not whole_model_fits(model, 4, 16, 2, ("norms",), GPU, "auto", need - 1, None)
     assert not whole_model_fits(model, 4, 16, 2, ("norms",), torch.device("cpu"), "auto", None, None)
+
+
+def test_cpu_estimate_carries_the_measured_heap_margin():
+    from llmprune.memory import CPU_HEAP_MARGIN
+
+    cpu = torch.device("cpu")
+    est = estimate(SIZES, nsamples=10, seqlen=8, batch_size=2, needs=("norms",), device=cpu, offload=False)
+    acts, work = 10 * 8 * 100 * 2, 16 * (3 * 400 * 2 + 6 * 100 * 2) + 16 * 400 * 8
+    assert est.device_bytes == 0 and est.cpu_bytes == int(CPU_HEAP_MARGIN * (acts + work))  # no block: it is in memory
