@@ -109,6 +109,7 @@ CLI_CASES = {
     "GGUF truncated in the middle": (["prune!", "--model", "{file:truncated.gguf}"], "cannot read the GGUF file, it may be truncated or corrupt; download it again"),
     "not a GGUF file": (["prune!", "--model", "{file:fake.gguf}"], "not a GGUF file (bad magic bytes)"),
     "unsupported architecture": (["prune!", "--model", "{file:mamba}"], "unsupported architecture MambaForCausalLM"),
+    "nsamples too large for memory": (["--nsamples", "64"], "the run needs about 0.0 GiB more CPU memory but 0.0 GiB are free"),
     "no disk space": (["--out", "{dest}/new"], "no space left on the device; free some space or choose a folder on another disk"),
     "eval: altered output": (["eval", "--model", "{file:altered}"], "model.safetensors does not match its checksum"),
     "eval: unknown set": (["eval", "--model", "{tiny}", "--eval", "ppl"], "--eval: unknown set 'ppl'"),
@@ -180,6 +181,8 @@ def test_cli_bad_input(case, files, tiny_folder, tmp_path, ddir, monkeypatch, ca
         (dest / "full" / "keep").write_text("x")
     if case == "no disk space":
         _no_space(monkeypatch)
+    if case == "nsamples too large for memory":  # as if the machine had 1 KiB free
+        monkeypatch.setattr("llmprune.api.cpu_free_bytes", lambda: 1024)
     if "report under a file" in case:  # its folder is a file: the report could never be written
         (tmp / "a-file").write_text("x")
     before = sorted(p.name for p in dest.iterdir())
@@ -234,7 +237,8 @@ def _api_cases(tmp, tokenizer):
         "unknown eval set": (lambda: EvalSettings(("wikitext3",)), "--eval: unknown set 'wikitext3'"),
         "not a model folder": (lambda: llmprune.load_model(str(tmp)), "not a Hugging Face model folder"),
         "checkpoint of other settings": (other_settings, "differs in: sparsity_target"),
-        "no disk space": (no_space, "no space left on the device"),
+        "nsamples too large for memory": (["--nsamples", "64"], "the run needs about 0.0 GiB more CPU memory but 0.0 GiB are free"),
+    "no disk space": (no_space, "no space left on the device"),
     }
 
 
