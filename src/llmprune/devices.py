@@ -193,8 +193,7 @@ def bound_cpu_heap() -> bool:
 
     glibc raises its mmap threshold each time a mapped buffer is freed, so after the first blocks a
     block's tensors come from the heap, and the freed ones fragment it: a streamed run's resident
-    memory then grew by about 45 MB per block (1.0 to 2.1 GB over 24 blocks of 113 MB, measured in
-    ``benchmarks/stream_memory.py``). A fixed threshold turns that adjustment off. Called by the CLI
+    memory then grew with every block. A fixed threshold turns that adjustment off. Called by the CLI
     for ``--stream-from-disk``, never at import.
     """
     return _mallopt((M_MMAP_THRESHOLD, 1024 * 1024))
