@@ -190,14 +190,17 @@ def _calibration_texts(path: Path) -> list[str]:
     return texts
 
 
-def check_calibration_source(source: str) -> None:
-    """Read and check a calibration file before any model is loaded (a bad file then costs no loading)."""
-    if source in CALIB_SETS:
-        return
+def _calibration_path(source: str) -> Path:
     path = Path(source)
     if not path.is_file():
         raise UsageError(f"--calib must be {' or '.join(CALIB_SETS)} or a path to a .txt/.jsonl file; {source!r} is neither")
-    _calibration_texts(path)
+    return path
+
+
+def check_calibration_source(source: str) -> None:
+    """Read and check a calibration file before any model is loaded (a bad file then costs no loading)."""
+    if source not in CALIB_SETS:
+        _calibration_texts(_calibration_path(source))
 
 
 def calibration_tokens(tokenizer, source: str, nsamples: int, seqlen: int, seed: int, ddir: Path | None = None) -> torch.Tensor:
@@ -208,8 +211,7 @@ def calibration_tokens(tokenizer, source: str, nsamples: int, seqlen: int, seed:
     if source == "wikitext2":
         rows = _wikitext_rows(ddir, "train")
         return _sample_stream(_encode(tokenizer, " ".join(rows)), nsamples, seqlen, seed, "wikitext2")
-    check_calibration_source(source)
-    path = Path(source)
+    path = _calibration_path(source)
     texts = _calibration_texts(path)
     if path.suffix == ".jsonl":
         return _sample_documents([_encode(tokenizer, t) for t in texts], nsamples, seqlen, seed, str(path))

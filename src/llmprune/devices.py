@@ -131,16 +131,22 @@ def reset_peak_memory() -> None:
             torch.cuda.reset_peak_memory_stats(i)
 
 
-def _cpu_peak_bytes() -> int:
-    """VmHWM of this process image; ``ru_maxrss`` where /proc is missing (it also counts, after an exec,
-    the resident size of the process that forked this one)."""
+def _proc_kib(path: str, key: str) -> int | None:
+    """A ``key: N kB`` field of a /proc file, in bytes; None where it cannot be read."""
     try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+        for line in Path(path).read_text().splitlines():
+            if line.startswith(key + ":"):
                 return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    return None
+
+
+def _cpu_peak_bytes() -> int:
+    """VmHWM of this process image; ``ru_maxrss`` where /proc is missing (it also counts, after an exec,
+    the resident size of the process that forked this one)."""
+    peak = _proc_kib("/proc/self/status", "VmHWM")
+    return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
 def peak_memory_bytes() -> dict[str, int | None]:
@@ -215,13 +221,7 @@ def free_bytes(device: torch.device) -> int | None:
 
 def cpu_free_bytes() -> int | None:
     """MemAvailable from /proc/meminfo, or None where it cannot be read."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
+    return _proc_kib("/proc/meminfo", "MemAvailable")
 
 
 def set_device(device: torch.device) -> None:
