@@ -95,7 +95,7 @@ CLI_CASES = {
     "unknown device": (["--device", "tpu"], "--device must be auto, cpu, cuda or cuda:N, got 'tpu'"),
     "unknown weights placement": (["--weights", "disk"], "--weights must be auto, gpu or cpu, got 'disk'"),
     "weights on a GPU without one": (["--weights", "gpu", "--device", "cpu"], "--weights gpu places the model on a GPU, but --device is cpu; use --device cuda or --weights auto"),
-    "weights with streaming": (["--weights", "auto", "--stream-from-disk", "--out", "{dest}/new", "--eval", ""], "--stream-from-disk reads each block from disk when it is pruned; drop --weights"),
+    "weights with streaming": (["--weights", "gpu", "--stream-from-disk", "--out", "{dest}/new", "--eval", ""], "--stream-from-disk reads each block from disk when it is pruned; drop --weights gpu"),
     "unknown dtype": (["--dtype", "int8"], "--dtype must be auto, float32, bfloat16, float16, got 'int8'"),
     "output path is a file": (["--out", "{dest}/out"], "is an existing file; give a folder path"),
     "output folder not empty": (["--out", "{dest}/full"], "exists and is not empty; choose another folder or pass --overwrite"),

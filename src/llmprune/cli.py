@@ -134,7 +134,7 @@ def prune(
     dtype: str = DtypeOpt,
     batch_size: int = typer.Option(8, "--batch-size", help="Calibration windows per forward pass."),
     activations: str = typer.Option("auto", "--activations", help="auto | gpu | cpu: where calibration hidden states live between blocks (auto: on the GPU when they fit, else pinned CPU memory)."),
-    weights: str = typer.Option("cpu", "--weights", help="cpu | gpu | auto: where the model's weights live while it is pruned on a GPU (cpu: in CPU memory, each block visits the GPU; gpu: all of them on the GPU, no block travels; auto: gpu when the memory estimate fits)."),
+    weights: str = typer.Option("auto", "--weights", help="auto | gpu | cpu: where the model's weights live while it is pruned on a GPU (auto: all on the GPU when the memory estimate fits, else cpu; gpu: all on the GPU, no block travels; cpu: in CPU memory, each block visits the GPU)."),
     stream_from_disk: bool = typer.Option(False, "--stream-from-disk", help="Read one block at a time from the model folder's safetensors files and write the pruned model block by block to --out (for models larger than CPU memory; needs --out and --eval '')."),
     eval_sets: str = EvalOpt,
     eval_seqlen: Optional[int] = EvalSeqOpt,
@@ -185,6 +185,7 @@ def _prune(*, world, model, method, sparsity, pattern, layerwise, owl_m, owl_lam
            max_eval_windows, eval_tasks, limit, eval_batch_size, out, overwrite, format, report, data_dir,
            trust_remote_code, progress):
     from . import api, checkpoint, data, devices, export, integrity, layout, loading, report as report_mod, zeroshot
+    startup_s = report_mod.process_age_s()  # interpreter, imports and parsing, before any of this command's work
     from .config import Calibration, DSnoT, EvalSettings, parse_sets
     from .layerwise import OWL, parse_layerwise
     from .methods import as_refine, get_method
@@ -298,14 +299,18 @@ def _prune(*, world, model, method, sparsity, pattern, layerwise, owl_m, owl_lam
     t0 = time.perf_counter()
     keep = f"; the pruned blocks are kept in {work}: re-run the same command to finish"
     staged = _stage_output(lm, tok, out, work, in_place, format, overwrite, pattern_obj, keep) if out else None
+    save_s = result.save_s + time.perf_counter() - t0
+    t0 = time.perf_counter()
+    weights_sha = integrity.state_sha256(lm) if placement is None else None
+    hash_s = time.perf_counter() - t0
     payload = report_mod.build_report(
         model=info, result=result, device=dev, dtype=dt,
         times={"load_s": load_s, "calib_data_s": calib_data_s, "prune_s": result.prune_s, "eval_s": eval_s,
-               "save_s": result.save_s + time.perf_counter() - t0},
+               "save_s": save_s, "hash_s": hash_s, "startup_s": startup_s},
         peak=devices.peak_memory_bytes(), dense_ppl=dense_ppl, pruned_ppl=pruned_ppl, eval_settings=settings,
         zero_shot=report_mod.zero_shot_table(dense_zs, pruned_zs),
         extra={"command": sys.argv, "processes": world.size, "weights": where,
-               "weights_sha256": integrity.state_sha256(lm) if placement is None else None,
+               "weights_sha256": weights_sha,
                "bytes_written": result.bytes_written + (staged.bytes_written if staged else 0),
                **({"storage": staged.storage} if staged is not None and staged.storage else {})},
     )
@@ -324,10 +329,10 @@ def _prune(*, world, model, method, sparsity, pattern, layerwise, owl_m, owl_lam
 def _check_weights(weights: str, dev, stream_from_disk: bool) -> None:
     if weights not in ("auto", "gpu", "cpu"):
         raise UsageError(f"--weights must be auto, gpu or cpu, got {weights!r}")
+    if weights == "gpu" and stream_from_disk:
+        raise UsageError("--stream-from-disk reads each block from disk when it is pruned; drop --weights gpu")
     if weights == "gpu" and dev.type != "cuda":
         raise UsageError(f"--weights gpu places the model on a GPU, but --device is {dev}; use --device cuda or --weights auto")
-    if weights != "cpu" and stream_from_disk:
-        raise UsageError("--stream-from-disk reads each block from disk when it is pruned; drop --weights")
 
 
 def _place_weights(lm, weights: str, dev, tokens, batch_size: int, needs, activations: str) -> str:

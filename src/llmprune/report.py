@@ -16,6 +16,17 @@ def versions() -> dict[str, str]:
     return {"llmprune": __version__, "torch": torch.__version__, "transformers": transformers.__version__}
 
 
+def process_age_s() -> float | None:
+    """Seconds since this process started (Linux /proc), None where that cannot be read: what an outside clock
+    would time, interpreter start-up and imports included."""
+    try:
+        start_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def perplexity_table(dense: dict, pruned: dict) -> dict:
     out = {}
     for name in dict.fromkeys([*dense, *pruned]):
