@@ -337,17 +337,26 @@ def cli_e2e_real_table(path: Path) -> str:
     """`llmprune prune` with and without --out on a real model, each run its own process, interleaved."""
     r = json.loads(path.read_text())
     cal = r["calibration"]
-    head = (f"{r['model']} on {r['device']} ({r['cpu_threads']} threads), {r['dtype']}; calibration {cal[1]} x {cal[2]} "
-            f"{cal[0]} tokens; no evaluation; runs interleaved, each its own process "
+    ppl = [x for x in r["rows"] if x.get("perplexity")]
+    evaluated = (f"WikiText-2 perplexity over all {ppl[0]['perplexity']['wikitext2']['windows']} windows of "
+                 f"{ppl[0]['perplexity']['wikitext2']['seqlen']}" if ppl else "no evaluation")
+    where = r.get("gpu", f"{r['cpu_threads']} CPU threads") if r["device"] != "cpu" else f"{r['cpu_threads']} CPU threads"
+    head = (f"{r['model']} on {r['device']} ({where}), {r['dtype']}; calibration {cal[1]} x {cal[2]} "
+            f"{cal[0]} tokens; {evaluated}; runs interleaved, each its own process "
             f"(torch {r['versions']['torch']}).\n\n")
-    lines = ["| run | repeat | wall (s) | load (s) | prune (s) | save (s) | written (MB) | output (MB) |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| run | repeat | wall (s) | load (s) | prune (s) | save (s) | hash (s) | written (MB) | output (MB) "
+             "| perplexity dense → pruned |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for x in r["rows"]:
         t = x["time"]
         label = "`--out`" if x["run"].endswith("/out") else "no `--out`"
         out = f"{x['output_bytes'] / 1e6:.1f}" if x.get("output_bytes") else "-"
+        hashed = f"{t['hash_s']:.2f}" if t.get("hash_s") is not None else "-"
+        w = (x.get("perplexity") or {}).get("wikitext2")
+        pp = f"{w['dense']:.3f} → {w['pruned']:.3f}" if w else "-"
         lines.append(f"| {x['run'].split('/')[0]} {label} | {x['repeat'] + 1} | {x['wall_s']:.1f} | {t['load_s']:.1f} | "
-                     f"{t['prune_s']:.1f} | {t.get('save_s', 0):.2f} | {x['polled_write_bytes'] / 1e6:.1f} | {out} |")
+                     f"{t['prune_s']:.1f} | {t.get('save_s', 0):.2f} | {hashed} | {x['polled_write_bytes'] / 1e6:.1f} | "
+                     f"{out} | {pp} |")
     return head + "\n".join(lines)
 
 
@@ -355,16 +364,18 @@ def cli_e2e_model_table(path: Path) -> str:
     """The 7B-shaped rows of benchmarks/cli_e2e.py: phases, ratios to the same-run floors, memory, bytes."""
     r = json.loads(path.read_text())
     f = r["floors"]
+    startup = f" a process's start-up (imports, CUDA) {f['startup']['seconds']:.1f} s," if "startup" in f else ""
     head = (f"{r.get('gpu', 'CPU')}, torch {r['versions']['torch']}; {r['model']}, {r['layers']} blocks, calibration "
-            f"{r['calibration'][0]} x {r['calibration'][1]}, batch {r['batch']}. Floors measured in the same run: two "
+            f"{r['calibration'][0]} x {r['calibration'][1]}, batch {r['batch']}. Floors measured in the same run:{startup} two "
             f"forward passes {f['forward']['seconds']:.1f} s, reading the model {f['read']['model_s']:.1f} s, writing it "
             f"{f['write']['model_s']:.1f} s.\n\n")
-    lines = ["| run | wall (s) | load | prune | save | prune / forward floor | wall / total floor | peak RSS (GB) | written / output |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| run | wall (s) | start-up | load | prune | save | hash | prune / forward floor | wall / total floor "
+             "| peak RSS (GB) | written / output |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for x in r["rows"]:
         t = x.get("time") or {}
         ratio = (f"{x['polled_write_bytes'] / x['output_bytes']:.2f}" if x.get("output_bytes") else "-")
-        cells = [f"{t[k]:.1f}" if k in t else "-" for k in ("load_s", "prune_s", "save_s")]
+        cells = [f"{t[k]:.1f}" if t.get(k) is not None else "-" for k in ("startup_s", "load_s", "prune_s", "save_s", "hash_s")]
         lines.append(f"| {x['run']} | {x['wall_s']:.1f} | {' | '.join(cells)} | "
                      f"{x.get('prune_over_forward_floor', float('nan')):.2f} | {x.get('wall_over_total_floor', float('nan')):.2f} | "
                      f"{x['peak_rss_bytes'] / 1e9:.1f} | {ratio} |")
@@ -380,7 +391,9 @@ if __name__ == "__main__":
                      ("storage_smollm2.json", storage_table), ("kill_resume_smollm2.json", kill_resume_table),
                      ("beyond_wanda_smollm2.json", beyond_table), ("beyond_wanda_gemma3.json", beyond_table),
                      ("zero_shot_smollm2.json", zero_shot_table),
-                     ("cli_e2e_smollm2_cpu.json", cli_e2e_real_table), ("cli_e2e_h200.json", cli_e2e_model_table)]:
+                     ("cli_e2e_smollm2_cpu.json", cli_e2e_real_table), ("cli_e2e_h200.json", cli_e2e_model_table),
+                     ("cli_e2e_h200_auto.json", cli_e2e_model_table),
+                     ("cli_e2e_smollm2_h200.json", cli_e2e_real_table)]:
         if (RESULTS / name).is_file():
             print(f"<!-- {name} -->\n{fn(RESULTS / name)}\n")
         else:

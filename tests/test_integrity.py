@@ -115,3 +115,19 @@ def test_state_sha256_by_hand():
     with torch.no_grad():
         lin.bias[0] = -0.0  # one sign bit differs: another hash
     assert state_sha256(lin) != hashlib.sha256(lines.encode()).hexdigest()
+
+
+def test_state_sha256_takes_known_digests_and_they_match_the_written_shard(tmp_path):
+    import hashlib
+
+    from llmprune.layout import write_shard
+
+    model = tiny_model("llama")
+    state = {n: t.detach() for n, t in model.state_dict().items() if n.startswith("model.layers.0.")}
+    record = write_shard(tmp_path / "block.safetensors", state)
+    # each recorded digest is the sha256 of that tensor's bytes, as state_sha256 computes them
+    assert record["tensor_sha256"] == {n: hashlib.sha256(t.contiguous().numpy().tobytes()).hexdigest()
+                                       for n, t in sorted(state.items())}
+    assert state_sha256(model, record["tensor_sha256"]) == state_sha256(model)
+    name = sorted(state)[0]  # a known digest is taken as it is, not recomputed
+    assert state_sha256(model, {name: "0" * 64}) != state_sha256(model)

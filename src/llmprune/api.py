@@ -46,6 +46,8 @@ class PruneResult:
     """Seconds spent waiting for the checkpoint's writer (not part of ``prune_s``)."""
     bytes_written: int = 0
     """Bytes the checkpoint wrote (block shards and state)."""
+    tensor_sha256: dict = field(default_factory=dict)
+    """State-dict name -> sha256 of the bytes, for the tensors the checkpoint wrote (``integrity.state_sha256``)."""
 
     @property
     def warnings(self) -> list[str]:
@@ -214,7 +216,7 @@ def prune(
                        resumed, determinism,
                        {"device_bytes": estimate.device_bytes, "cpu_bytes": estimate.cpu_bytes,
                         "activations": "cpu" if estimate.offload else str(device), "processes": world.size},
-                       save_s, written)
+                       save_s, written, checkpoint.tensor_sha256() if checkpoint else {})
 
 
 def run_settings(model, method, pattern: Pattern, tokens, device: torch.device, batch_size: int,

@@ -249,6 +249,10 @@ class Checkpoint:
         self.shards = shards
         self.bytes_written += record["bytes"] + len(state)
 
+    def tensor_sha256(self) -> dict[str, str]:
+        """Name -> sha256 of every tensor in the committed shards (shards from before these were recorded: none)."""
+        return {name: digest for rec in self.shards.values() for name, digest in rec.get("tensor_sha256", {}).items()}
+
     def close(self, quiet: bool = False) -> None:
         """Wait until every queued block is written; raise the writer's error unless ``quiet``."""
         if self._thread is not None:

@@ -301,7 +301,7 @@ def _prune(*, world, model, method, sparsity, pattern, layerwise, owl_m, owl_lam
     staged = _stage_output(lm, tok, out, work, in_place, format, overwrite, pattern_obj, keep) if out else None
     save_s = result.save_s + time.perf_counter() - t0
     t0 = time.perf_counter()
-    weights_sha = integrity.state_sha256(lm) if placement is None else None
+    weights_sha = integrity.state_sha256(lm, result.tensor_sha256) if placement is None else None
     hash_s = time.perf_counter() - t0
     payload = report_mod.build_report(
         model=info, result=result, device=dev, dtype=dt,

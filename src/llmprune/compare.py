@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from pathlib import Path
 
 from .errors import UsageError
@@ -128,6 +129,57 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
+def layer_axis(layers: list[dict]) -> tuple[list[str], list[tuple[int, str]]]:
+    """Each layer's Linear type (the last part of its name), and the (position, label) of each decoder block's
+    first layer: the x axis of the per-layer plots, read from names such as ``model.layers.7.mlp.up_proj``."""
+    kinds, ticks, last = [], [], None
+    for i, layer in enumerate(layers):
+        name = layer["name"]
+        kinds.append(name.rsplit(".", 1)[-1])
+        found = re.search(r"\.(\d+)\.", name)
+        block = found.group(1) if found else name
+        if block != last:
+            ticks.append((i, block))
+            last = block
+    return kinds, ticks
+
+
+def _layer_plot(plt, runs: list[dict], key, ylabel: str, path: Path, log: bool = False) -> Path:
+    """One panel per run (none hides another), one marker colour per Linear type, x ticks at decoder blocks.
+
+    Sparsity is drawn on a fixed 0-1 axis with the run's overall sparsity dashed: a layer at 0.5000011 sits on
+    the line, not on a spike of an auto-scaled axis."""
+    keys = key if isinstance(key, list) else [key] * len(runs)
+    fig, axes = plt.subplots(len(runs), 1, figsize=(10, 1.2 + 2.0 * len(runs)), squeeze=False, layout="constrained")
+    colours = {}
+    for ax, r, k in zip(axes[:, 0], runs, keys):
+        kinds, ticks = layer_axis(r["layers"])
+        for kind in dict.fromkeys(kinds):
+            colour = colours.setdefault(kind, f"C{len(colours) % 10}")
+            xs = [i for i, t in enumerate(kinds) if t == kind]
+            ax.plot(xs, [r["layers"][i][k] for i in xs], marker="o", markersize=3, linestyle="none", color=colour,
+                    label=kind)
+        if log:
+            ax.set_yscale("log")
+        else:
+            ax.set_ylim(0.0, 1.0)
+            ax.ticklabel_format(axis="y", useOffset=False, style="plain")
+            if r.get("sparsity") is not None:
+                ax.axhline(r["sparsity"], color="0.4", linestyle="--", linewidth=0.8,
+                           label=f"overall {r['sparsity']:.4f}")
+        step = max(1, len(ticks) // 16)
+        ax.set_xticks([t[0] for t in ticks[::step]], [t[1] for t in ticks[::step]], fontsize=8)
+        ax.set_xlim(-1, len(r["layers"]))
+        ax.set_ylabel(ylabel, fontsize=8)
+        ax.set_title(f"{r['method']} {r['pattern']}", fontsize=9)
+        ax.grid(True, axis="y", alpha=0.3)
+        ax.legend(fontsize=7, ncol=8, loc="lower right" if not log else "upper right")
+    axes[-1, 0].set_xlabel("decoder block (Linear layers in model order)")
+    path = _save(fig, path)
+    plt.close(fig)
+    return path
+
+
 def write_plots(reports: list[dict], folder: Path) -> list[Path]:
     """perplexity_vs_sparsity.png, layer_sparsity.png and (where recorded) layer_error.png; returns the paths."""
     rows, columns = table_rows(reports)
@@ -168,34 +220,13 @@ def write_plots(reports: list[dict], folder: Path) -> list[Path]:
         plt.close(fig)
 
     if pruned:
-        fig, ax = plt.subplots(figsize=(9, 4))
-        for r in pruned:
-            ax.plot(range(len(r["layers"])), [layer["sparsity"] for layer in r["layers"]], marker=".", linewidth=1,
-                    label=f"{r['method']} {r['pattern']}")
-        ax.set_xlabel("pruned layer (model order)")
-        ax.set_ylabel("sparsity")
-        ax.set_title("per-layer sparsity")
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=8)
-        written.append(_save(fig, folder / "layer_sparsity.png"))
-        plt.close(fig)
-
+        written.append(_layer_plot(plt, pruned, "sparsity", "sparsity (zeros / weights)", folder / "layer_sparsity.png"))
         with_error = []
         for r in pruned:
             key = next((k for k in ERROR_KEYS if all(layer.get(k) is not None for layer in r["layers"])), None)
             if key is not None:
                 with_error.append((r, key))
         if with_error:
-            fig, ax = plt.subplots(figsize=(9, 4))
-            for r, key in with_error:
-                ax.plot(range(len(r["layers"])), [layer[key] for layer in r["layers"]], marker=".", linewidth=1,
-                        label=f"{r['method']} {r['pattern']}")
-            ax.set_yscale("log")
-            ax.set_xlabel("pruned layer (model order)")
-            ax.set_ylabel("reconstruction error")
-            ax.set_title("per-layer reconstruction error")
-            ax.grid(True, which="both", alpha=0.3)
-            ax.legend(fontsize=8)
-            written.append(_save(fig, folder / "layer_error.png"))
-            plt.close(fig)
+            written.append(_layer_plot(plt, [r for r, _ in with_error], [k for _, k in with_error],
+                                       "reconstruction error", folder / "layer_error.png", log=True))
     return written

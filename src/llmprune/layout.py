@@ -75,13 +75,17 @@ def _raw(t: torch.Tensor) -> memoryview:
     return memoryview(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy())
 
 
+def _order(tensors: dict[str, torch.Tensor]) -> list[str]:
+    return sorted(tensors, key=lambda n: (-tensors[n].element_size(), n))
+
+
 def safetensors_parts(tensors: dict[str, torch.Tensor]) -> list:
     """A safetensors file (metadata ``format: pt``) as buffers: its header, then each tensor's memory.
 
     The same format ``safetensors.torch.save`` writes, without copying the tensors into one bytes
     object: writing and hashing the buffers release the GIL, so a background writer does not slow
     the pruning thread."""
-    order = sorted(tensors, key=lambda n: (-tensors[n].element_size(), n))
+    order = _order(tensors)
     header, offset = {"__metadata__": {"format": "pt"}}, 0
     for name in order:
         t = tensors[name]
@@ -93,23 +97,27 @@ def safetensors_parts(tensors: dict[str, torch.Tensor]) -> list:
     return [struct.pack("<Q", len(text)) + text, *(_raw(tensors[n]) for n in order)]
 
 
-def _sha256(parts: list) -> str:
-    digest = hashlib.sha256()
-    for part in parts:
+def _sha256(parts: list, names: list[str]) -> tuple[str, dict[str, str]]:
+    """The file's sha256, and each tensor's (``integrity.tensor_sha256``: the report's weights hash reuses them)."""
+    digest, each = hashlib.sha256(parts[0]), {}
+    for name, part in zip(names, parts[1:]):
         digest.update(part)  # releases the GIL on large buffers
-    return digest.hexdigest()
+        each[name] = hashlib.sha256(part).hexdigest()
+    return digest.hexdigest(), each
 
 
 def write_shard(path: Path, tensors: dict[str, torch.Tensor]) -> dict:
-    """Write ``tensors`` as a safetensors file atomically; its record: sha256 (of the bytes written), size, names.
+    """Write ``tensors`` as a safetensors file atomically; its record: sha256 (of the bytes written), size, names,
+    and the sha256 of each tensor's bytes.
 
-    The hash is computed in a second thread while the file is written (each about 1 GB/s on one core)."""
+    The hashes are computed in a second thread while the file is written (each about 1 GB/s on one core)."""
     parts = safetensors_parts(tensors)
     with ThreadPoolExecutor(1, thread_name_prefix="llmprune-sha256") as pool:
-        digest = pool.submit(_sha256, parts)
+        digest = pool.submit(_sha256, parts, _order(tensors))
         write_bytes_atomic(path, parts)
-        sha256 = digest.result()
-    return {"sha256": sha256, "bytes": sum(len(p) for p in parts), "tensors": sorted(tensors)}
+        sha256, each = digest.result()
+    return {"sha256": sha256, "bytes": sum(len(p) for p in parts), "tensors": sorted(tensors),
+            "tensor_sha256": dict(sorted(each.items()))}
 
 
 def index_payload(shards: dict[str, dict]) -> dict:
