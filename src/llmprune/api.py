@@ -18,9 +18,10 @@ from .devices import cpu_free_bytes, deterministic, free_bytes, resolve_device, 
 from .errors import UsageError
 from .evaluate import Perplexity, perplexity, windows_of
 from .guards import NumericalError
+from .job import check_combination
 from .layerwise import OWL, block_outlier_ratios, block_sizes, owl_sparsities, parse_layerwise
-from .methods import get_method, wrapped
-from .models import context_length, find_decoder, needs_bos
+from .methods import get_method
+from .models import context_length, needs_bos
 from .patterns import Pattern, Unstructured, parse_pattern
 from .runner import LayerResult, prune_blocks
 
@@ -95,94 +96,39 @@ def calibration_tokens(model, tokenizer, calibration: Calibration, data_dir=None
 
 @torch.no_grad()
 def prune(
-    model,
-    tokenizer=None,
-    *,
-    method="wanda",
-    pattern: Pattern | str = "unstructured",
-    sparsity: float | None = 0.5,
-    calibration: Calibration | None = None,
-    calib_tokens: torch.Tensor | None = None,
-    device: str | torch.device = "auto",
-    batch_size: int = 8,
-    data_dir: str | Path | None = None,
-    progress: bool = True,
-    layerwise: OWL | str | list[float] | None = None,
-    permute: bool = False,
-    update: str | None = None,
-    refine: DSnoT | str | None = None,
-    checkpoint_dir: str | Path | None = None,
-    overwrite: bool = False,
-    activations: str = "auto",
-    world: distributed.World | None = None,
-    placement=None,
+    model, tokenizer=None, *, method="wanda", pattern: Pattern | str = "unstructured", sparsity: float | None = 0.5,
+    calibration: Calibration | None = None, calib_tokens: torch.Tensor | None = None,
+    device: str | torch.device = "auto", batch_size: int = 8, data_dir: str | Path | None = None,
+    progress: bool = True, layerwise: OWL | str | list[float] | None = None, permute: bool = False,
+    update: str | None = None, refine: DSnoT | str | None = None, checkpoint_dir: str | Path | None = None,
+    overwrite: bool = False, activations: str = "auto", world: distributed.World | None = None, placement=None,
 ) -> PruneResult:
     """Prune ``model`` in place, block by block; returns what was done.
 
-    ``pattern`` is an ``Unstructured``/``NM`` object or a string ("unstructured", "2:4");
-    ``calib_tokens`` ([nsamples, seqlen] ids) replaces sampling from ``calibration``; pass both when
-    the tokens were drawn from that calibration setting, so that the result records it.
-    ``layerwise``: None/"uniform", "owl" or ``OWL(m, lam)``, or one sparsity per block (unstructured
-    only). ``permute``: choose N:M masks on permuted input channels (score methods). ``update="lsq"``:
-    re-fit the kept weights by least squares on the calibration inputs after the mask. ``refine="dsnot"``
-    (or ``DSnoT(cycles, threshold)``): refine a score method's mask by DSnoT's pruning-and-growing before
-    any update.
-    ``checkpoint_dir``: save progress there after every block and resume from it (same settings:
-    bit-identical to an uninterrupted run; other settings: refused unless ``overwrite``). The folder
-    then holds one safetensors shard per block and ``state.json``; it is not a model folder: save the
-    model yourself afterwards (e.g. ``export.save_pruned``) and delete the folder. Under torchrun
-    (``world``), rank 0 writes it and every rank reads it back on resume (one host).
-    ``activations``: where calibration hidden states live between blocks on a GPU: ``auto`` (on the
-    GPU when the memory estimate fits, else pinned CPU memory), ``gpu`` or ``cpu``. A run that cannot
-    fit is refused before any work. ``world`` (from ``distributed.init``): this process's share of
-    the calibration batches; statistics are summed over all processes. ``placement``: how blocks
-    reach the device (``streaming.DiskBlocks`` for a model read from disk block by block).
+    ``pattern``: ``Unstructured``/``NM`` or "unstructured"/"2:4". ``calib_tokens`` ([nsamples, seqlen] ids)
+    replace sampling from ``calibration`` (pass both to record where they came from). ``layerwise``: None,
+    "owl", ``OWL(m, lam)`` or one sparsity per block. ``permute`` (N:M masks on permuted input channels),
+    ``refine`` ("dsnot" or ``DSnoT(...)``) and ``update`` ("lsq") modify the method (``methods.get_method``).
+    ``checkpoint_dir``: one safetensors shard per finished block and ``state.json``; the same call resumes
+    from it bit-identically, other settings are refused unless ``overwrite``. It is not a model folder.
+    ``activations``: where hidden states live between blocks on a GPU (auto | gpu | cpu); a run that cannot
+    fit is refused before any work. ``world`` (``distributed.init``): this process's share of the
+    calibration, statistics summed over processes. ``placement``: how blocks reach the device
+    (``streaming.DiskBlocks`` reads them from disk).
     """
     method = get_method(method, permute=permute, update=update, refine=refine)
     pattern = as_pattern(pattern, sparsity)
-    if isinstance(layerwise, str):
-        layerwise = parse_layerwise(layerwise)
-    if layerwise is not None and not isinstance(pattern, Unstructured):
-        raise UsageError(f"--layerwise works with unstructured sparsity only, not --pattern {pattern}")
-    if any(getattr(m, "permute", False) for m in wrapped(method)):
-        if isinstance(pattern, Unstructured):
-            raise UsageError("--permute only changes N:M masks; use it with --pattern N:M")
-    if isinstance(layerwise, OWL) and not 0 <= pattern.sparsity - layerwise.lam <= pattern.sparsity + layerwise.lam < 1:
-        raise UsageError(f"--layerwise owl: --sparsity {pattern.sparsity} +- --owl-lambda {layerwise.lam} leaves [0, 1); "
-                         "use a smaller --owl-lambda")
+    layerwise = parse_layerwise(layerwise) if isinstance(layerwise, str) else layerwise
+    check_combination(method, pattern, layerwise)
     device = device if isinstance(device, torch.device) else resolve_device(device)
     if batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
     was_training = model.training
     model.eval()
     start = time.perf_counter()
-    tokens, calib_info = None, None
-    if method.needs or isinstance(layerwise, OWL):
-        if calib_tokens is None:
-            calibration = calibration or Calibration()
-            tokens = calibration_tokens(model, tokenizer, calibration, data_dir)
-        else:
-            tokens = calib_tokens.long()
-            check_seqlen(model, tokens.shape[1], "--calib-tokens seqlen")
-        calib_info = calibration.to_dict() if calibration is not None else {
-            "source": "tokens", "nsamples": tokens.shape[0], "seqlen": tokens.shape[1], "seed": None}
+    tokens, calib_info = _calibration_of(model, tokenizer, method, layerwise, calibration, calib_tokens, data_dir)
     settings = method.settings()
-    block_patterns = None
-    if layerwise is not None:
-        if isinstance(layerwise, OWL):
-            t0 = time.perf_counter()
-            ratios = block_outlier_ratios(model, tokens, device, batch_size, layerwise.m, progress)
-            per_block = owl_sparsities(ratios, pattern.sparsity, layerwise.lam, block_sizes(model))
-            settings.update(layerwise="owl", owl_m=layerwise.m, owl_lambda=layerwise.lam, outlier_ratios=ratios,
-                            owl_pass_s=time.perf_counter() - t0)
-        else:
-            per_block = [float(v) for v in layerwise]
-            n_blocks = len(find_decoder(model)[1])
-            if len(per_block) != n_blocks:
-                raise UsageError(f"--layerwise gives {len(per_block)} sparsities but the model has {n_blocks} blocks")
-            settings.update(layerwise="list")
-        settings["block_sparsity"] = per_block
-        block_patterns = [Unstructured(s, pattern.scope) for s in per_block]
+    block_patterns = _block_patterns(model, pattern, layerwise, tokens, device, batch_size, progress, settings)
     world = world or distributed.World()
     checkpoint = None
     if checkpoint_dir is not None:  # settings from all the calibration tokens, not this process's share
@@ -190,33 +136,88 @@ def prune(
                                 overwrite, writer=world.is_main, barrier=lambda: distributed.barrier(world))
     if tokens is not None:
         tokens = distributed.shard(tokens, batch_size, world)
-    estimate = memory.plan(memory.ModelSizes.of(model, device), tokens.shape[0] if tokens is not None else 0,
-                           tokens.shape[1] if tokens is not None else 0, batch_size, method.needs, device,
+    estimate = _memory_plan(model, method, tokens, device, batch_size, activations, progress)
+    with deterministic(device) as determinism:
+        layers = _run_blocks(model, method, pattern, tokens, device, batch_size, progress and world.is_main,
+                             block_patterns, checkpoint, estimate.offload, world, placement)
+    synchronize(device)
+    model.train(was_training)
+    return _result(method, pattern, layers, time.perf_counter() - start, calib_info, settings, determinism, estimate,
+                   device, world, checkpoint)
+
+
+def _result(method, pattern, layers, seconds: float, calib_info, settings, determinism, estimate, device, world,
+            checkpoint) -> PruneResult:
+    """The run's record; the time spent waiting for the checkpoint's writer is apart from ``prune_s``."""
+    resumed, save_s, written = (checkpoint.resumed_from, checkpoint.wait_s, checkpoint.bytes_written) if checkpoint \
+        else (0, 0.0, 0)
+    return PruneResult(method.name, pattern, layers, seconds - save_s, calib_info, settings, resumed, determinism,
+                       {"device_bytes": estimate.device_bytes, "cpu_bytes": estimate.cpu_bytes,
+                        "activations": "cpu" if estimate.offload else str(device), "processes": world.size},
+                       save_s, written, checkpoint.tensor_sha256() if checkpoint else {})
+
+
+def _memory_plan(model, method, tokens, device, batch_size: int, activations: str, progress: bool):
+    """What the run will hold where (refused here when it cannot fit), printed when ``progress``."""
+    n, length = (tokens.shape[0], tokens.shape[1]) if tokens is not None else (0, 0)
+    estimate = memory.plan(memory.ModelSizes.of(model, device), n, length, batch_size, method.needs, device,
                            activations, free_bytes(device), cpu_free_bytes())
     if progress:
         print(estimate.describe(device), file=sys.stderr, flush=True)
-    with deterministic(device) as determinism, (checkpoint.stop_between_blocks() if checkpoint else nullcontext()):
+    return estimate
+
+
+def _calibration_of(model, tokenizer, method, layerwise, calibration, calib_tokens, data_dir):
+    """(calibration tokens or None when nothing needs them, what the report says of them)."""
+    if not (method.needs or isinstance(layerwise, OWL)):
+        return None, None
+    if calib_tokens is None:
+        calibration = calibration or Calibration()
+        tokens = calibration_tokens(model, tokenizer, calibration, data_dir)
+    else:
+        tokens = calib_tokens.long()
+        check_seqlen(model, tokens.shape[1], "--calib-tokens seqlen")
+    info = calibration.to_dict() if calibration is not None else {
+        "source": "tokens", "nsamples": tokens.shape[0], "seqlen": tokens.shape[1], "seed": None}
+    return tokens, info
+
+
+def _block_patterns(model, pattern, layerwise, tokens, device, batch_size: int, progress: bool, settings: dict):
+    """One pattern per decoder block from the layer-wise sparsity (None: the same pattern everywhere); what was
+    chosen goes into ``settings``."""
+    if layerwise is None:
+        return None
+    if isinstance(layerwise, OWL):
+        t0 = time.perf_counter()
+        ratios = block_outlier_ratios(model, tokens, device, batch_size, layerwise.m, progress)
+        per_block = owl_sparsities(ratios, pattern.sparsity, layerwise.lam, block_sizes(model))
+        settings.update(layerwise="owl", owl_m=layerwise.m, owl_lambda=layerwise.lam, outlier_ratios=ratios,
+                        owl_pass_s=time.perf_counter() - t0)
+    else:
+        per_block = [float(v) for v in layerwise]  # (their count is checked by runner.prune_blocks)
+        settings.update(layerwise="list")
+    settings["block_sparsity"] = per_block
+    return [Unstructured(s, pattern.scope) for s in per_block]
+
+
+def _run_blocks(model, method, pattern, tokens, device, batch_size, progress, block_patterns, checkpoint, offload,
+                world, placement):
+    """``runner.prune_blocks`` with the checkpoint closed however it ends (what was queued is written, so a
+    re-run resumes after it; a numerical failure discards it)."""
+    with checkpoint.stop_between_blocks() if checkpoint else nullcontext():
         try:
-            layers = prune_blocks(model, method, pattern, tokens, device, batch_size, progress and world.is_main,
-                                  block_patterns, checkpoint=checkpoint, offload_activations=estimate.offload,
+            layers = prune_blocks(model, method, pattern, tokens, device, batch_size, progress, block_patterns,
+                                  checkpoint=checkpoint, offload_activations=offload,
                                   reduce_statistics=distributed.reducer(world), placement=placement)
         except BaseException as exc:
             if checkpoint is not None:
-                checkpoint.close(quiet=True)  # what was queued is written: a re-run resumes after it
+                checkpoint.close(quiet=True)
                 if isinstance(exc, NumericalError):
                     checkpoint.discard()  # its blocks came from numbers that cannot be trusted
             raise
         if checkpoint is not None:
             checkpoint.close()
-    synchronize(device)
-    model.train(was_training)
-    resumed, save_s, written = (checkpoint.resumed_from, checkpoint.wait_s, checkpoint.bytes_written) if checkpoint \
-        else (0, 0.0, 0)
-    return PruneResult(method.name, pattern, layers, time.perf_counter() - start - save_s, calib_info, settings,
-                       resumed, determinism,
-                       {"device_bytes": estimate.device_bytes, "cpu_bytes": estimate.cpu_bytes,
-                        "activations": "cpu" if estimate.offload else str(device), "processes": world.size},
-                       save_s, written, checkpoint.tensor_sha256() if checkpoint else {})
+    return layers
 
 
 def run_settings(model, method, pattern: Pattern, tokens, device: torch.device, batch_size: int,

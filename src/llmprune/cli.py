@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 import traceback
 from pathlib import Path
 from typing import Optional
@@ -79,6 +78,15 @@ def _zero_shot_table(section: dict, title: str) -> Table:
         means += [_fmt(m["acc"]), _fmt(m["acc_norm_or_acc"])]
     table.add_row("mean", "", *means)
     return table
+
+
+def _print_outcome(outcome) -> None:
+    storage = outcome.storage
+    if storage:
+        Console().print(f"pruned Linear weights: {storage['linear_stored_bytes'] / 2**20:.1f} MiB stored vs "
+                        f"{storage['linear_dense_bytes'] / 2**20:.1f} MiB dense ({storage['linear_ratio']:.3f}x)",
+                        highlight=False)
+    _print_summary(outcome.report, outcome.report_path, outcome.out)
 
 
 def _print_summary(report: dict, report_path: Path | None = None, out: Path | None = None) -> None:
@@ -159,228 +167,38 @@ def prune(
     Under `torchrun --nproc-per-node K -m llmprune prune ...` the calibration batches are split over
     the K processes (one GPU each) and their statistics summed; rank 0 evaluates, reports and saves.
     """
-    options = dict(locals())
+    from .job import PruneJob
+
+    _run_prune(device, lambda world, dev: PruneJob.from_flags(
+        model=model, method=method, sparsity=sparsity, pattern=pattern, layerwise=layerwise, owl_m=owl_m,
+        owl_lambda=owl_lambda, permute=permute, update=update, refine=refine, dsnot_cycles=dsnot_cycles,
+        dsnot_threshold=dsnot_threshold, calib=calib, nsamples=nsamples, seqlen=seqlen, seed=seed,
+        calib_tokens=calib_tokens, device=dev, dtype=dtype, batch_size=batch_size, activations=activations,
+        weights=weights, stream_from_disk=stream_from_disk, eval_sets=eval_sets, eval_seqlen=eval_seqlen,
+        max_eval_windows=max_eval_windows, eval_tasks=eval_tasks, limit=limit, eval_batch_size=eval_batch_size,
+        out=out, overwrite=overwrite, format=format, report=report, data_dir=data_dir,
+        trust_remote_code=trust_remote_code, progress=progress, evaluates=world.is_main))
+
+
+def _run_prune(device: str, make_job) -> None:
+    """This process's place among torchrun's (or alone), the job built from the flags, the run, its summary."""
     from . import distributed
+    from .checkpoint import Interrupted
+    from .workflow import run_prune
 
     world = None
     try:
-        world, options["device"] = distributed.init(device)
-        _prune(world=world, **options)
+        world, device = distributed.init(device)
+        outcome = run_prune(make_job(world, device), world)
+        if outcome is not None:
+            _print_outcome(outcome)
     except UsageError as exc:
         _fail(exc)
-    except Exception as exc:
-        from .checkpoint import Interrupted
-
-        if isinstance(exc, Interrupted):
-            _interrupted(exc)
-        raise
+    except Interrupted as exc:
+        _interrupted(exc)
     finally:
         if world is not None:
             distributed.finish(world)
-
-
-def _prune(*, world, model, method, sparsity, pattern, layerwise, owl_m, owl_lambda, permute, update, refine,
-           dsnot_cycles, dsnot_threshold, calib, nsamples,
-           seqlen, seed, calib_tokens, device, dtype, batch_size, activations, weights, stream_from_disk, eval_sets, eval_seqlen,
-           max_eval_windows, eval_tasks, limit, eval_batch_size, out, overwrite, format, report, data_dir,
-           trust_remote_code, progress):
-    from . import api, checkpoint, data, devices, export, integrity, layout, loading, report as report_mod, zeroshot
-    startup_s = report_mod.process_age_s()  # interpreter, imports and parsing, before any of this command's work
-    from .config import Calibration, DSnoT, EvalSettings, parse_sets
-    from .layerwise import OWL, parse_layerwise
-    from .methods import as_refine, get_method
-    from .models import find_decoder
-    from .patterns import Unstructured, parse_pattern
-
-    # every string is checked before the model is loaded
-    refine_obj = as_refine(refine)
-    if refine_obj is None and (dsnot_cycles is not None or dsnot_threshold is not None):
-        raise UsageError("--dsnot-cycles and --dsnot-threshold set DSnoT's refinement: add --refine dsnot")
-    if refine_obj is not None:
-        defaults = DSnoT()
-        refine_obj = DSnoT(defaults.cycles if dsnot_cycles is None else dsnot_cycles,
-                           defaults.threshold if dsnot_threshold is None else dsnot_threshold)
-    method_obj = get_method(method, permute=permute, update=update, refine=refine_obj)
-    pattern_obj = parse_pattern(pattern, sparsity)
-    layerwise_obj = parse_layerwise(layerwise)
-    if isinstance(layerwise_obj, OWL):
-        layerwise_obj = OWL(owl_m, owl_lambda)
-    if layerwise_obj is not None and not isinstance(pattern_obj, Unstructured):
-        raise UsageError(f"--layerwise works with unstructured sparsity only, not --pattern {pattern_obj}")
-    if permute and isinstance(pattern_obj, Unstructured):
-        raise UsageError("--permute only changes N:M masks; use it with --pattern N:M")
-    calibration = Calibration(calib, nsamples, seqlen, seed)
-    main = world.is_main  # the other ranks only take their share of the calibration work
-    extra_sets, zs_tasks = zeroshot.split_task_list(eval_tasks, flag="--eval-tasks")
-    sets = tuple(dict.fromkeys(parse_sets(eval_sets) + extra_sets))
-    settings = EvalSettings(sets if main else (), eval_seqlen or seqlen, max_eval_windows)
-    zs_settings = zeroshot.ZeroShotSettings(zs_tasks, limit, eval_batch_size) if zs_tasks and main else None
-    if activations not in ("auto", "gpu", "cpu"):
-        raise UsageError(f"--activations must be auto, gpu or cpu, got {activations!r}")
-    dev = devices.resolve_device(device)
-    dt = devices.resolve_dtype(dtype, dev)
-    _check_weights(weights, dev, stream_from_disk)
-    export.check_format(format)
-    if permute and format == "compressed":
-        raise UsageError("--permute leaves masks that are N:M only in a permuted column order, which --format compressed "
-                         "cannot store as N:M; save with --format dense")
-    if stream_from_disk and out is None:
-        raise UsageError("--stream-from-disk writes the pruned model block by block: give --out DIR")
-    if stream_from_disk and (settings.sets or zs_tasks):
-        raise UsageError("--stream-from-disk never holds the whole model, so it cannot evaluate it: pass "
-                         "--eval '' (and no --eval-tasks) and evaluate the saved folder with `llmprune eval --model DIR`")
-    if stream_from_disk and format != "dense":
-        raise UsageError("--stream-from-disk writes a dense Hugging Face folder; drop --format or use --format dense")
-    if out is not None:
-        export.check_output_dir(out, overwrite)
-    if report is not None and report.is_dir():
-        raise UsageError(f"--report {report} is a folder; give a file path such as run.json")
-    if report is not None:
-        integrity.check_writable(report, "--report")
-    if calib_tokens is not None and not calib_tokens.is_file():
-        raise UsageError(f"--calib-tokens {calib_tokens}: no such file")
-    if calib_tokens is None and (method_obj.needs or isinstance(layerwise_obj, OWL)):
-        data.check_calibration_source(calib)  # a bad file is refused before the model is loaded
-    ddir = data.data_dir(data_dir)
-    if zs_settings is not None:
-        zeroshot.require_lm_eval()
-        zeroshot.check_local_data(zs_settings.tasks, ddir)
-
-    devices.reset_peak_memory()
-    t0 = time.perf_counter()
-    placement = None
-    if stream_from_disk:
-        lm, tok, info, placement = _open_streamed(model, dt, trust_remote_code)
-    else:
-        lm, tok, info = loading.load_model(model, dt, trust_remote_code, progress and main)
-    load_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    find_decoder(lm)  # an unsupported architecture is refused before any evaluation
-    in_place = format == "dense" and layout.direct_layout_supported(lm)  # the work folder becomes --out
-    if placement is not None and not in_place:
-        raise UsageError("--stream-from-disk: transformers saves this architecture under other tensor names than it "
-                         "loads; prune it without --stream-from-disk")
-    tokens = data.load_token_file(calib_tokens, lm.config.get_text_config().vocab_size) if calib_tokens else None
-    if tokens is None and (method_obj.needs or isinstance(layerwise_obj, OWL)):  # sample now: bad input fails early
-        tokens = api.calibration_tokens(lm, tok, calibration, ddir)
-    else:
-        calibration = None  # the report then describes the given token file
-    calib_data_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    windows = api.eval_windows(lm, tok, settings, ddir) if settings.sets else None
-    eval_s = time.perf_counter() - t0
-
-    def evaluate(label: str):
-        """Perplexity sets and zero-shot tasks of the model as it is now; (ppl, zero-shot, seconds)."""
-        t0 = time.perf_counter()
-        ppl = api.perplexities(lm, windows, settings, dev, progress, label=label) if settings.sets else {}
-        zs = None
-        if zs_settings is not None:
-            lm.to(dev)
-            zs = zeroshot.evaluate_zero_shot(lm, tok, zs_settings, ddir, progress, label=label)
-        return ppl, zs, time.perf_counter() - t0
-
-    dense_ppl, dense_zs, seconds = evaluate("dense")
-    eval_s += seconds
-    if settings.sets or zs_settings is not None:
-        lm.to("cpu")
-    where = _place_weights(lm, weights, dev, tokens, batch_size, method_obj.needs, activations) if placement is None \
-        else "streamed"
-    # progress is saved block by block in the work folder (rank 0 writes, every rank reads it on resume)
-    work = checkpoint.work_dir_for(out) if out is not None else None
-    result = api.prune(lm, tok, method=method_obj, pattern=pattern_obj, calibration=calibration,
-                       calib_tokens=tokens, device=dev, batch_size=batch_size, data_dir=ddir, progress=progress and main,
-                       layerwise=layerwise_obj, activations=activations, world=world, placement=placement,
-                       checkpoint_dir=work, overwrite=overwrite)
-    if not main:  # every rank holds the same pruned model; rank 0 evaluates, reports and saves it
-        return
-    pruned_ppl, pruned_zs, seconds = evaluate("pruned")
-    eval_s += seconds
-    t0 = time.perf_counter()
-    keep = f"; the pruned blocks are kept in {work}: re-run the same command to finish"
-    staged = _stage_output(lm, tok, out, work, in_place, format, overwrite, pattern_obj, keep) if out else None
-    save_s = result.save_s + time.perf_counter() - t0
-    t0 = time.perf_counter()
-    weights_sha = integrity.state_sha256(lm, result.tensor_sha256) if placement is None else None
-    hash_s = time.perf_counter() - t0
-    payload = report_mod.build_report(
-        model=info, result=result, device=dev, dtype=dt,
-        times={"load_s": load_s, "calib_data_s": calib_data_s, "prune_s": result.prune_s, "eval_s": eval_s,
-               "save_s": save_s, "hash_s": hash_s, "startup_s": startup_s},
-        peak=devices.peak_memory_bytes(), dense_ppl=dense_ppl, pruned_ppl=pruned_ppl, eval_settings=settings,
-        zero_shot=report_mod.zero_shot_table(dense_zs, pruned_zs),
-        extra={"command": sys.argv, "processes": world.size, "weights": where,
-               "weights_sha256": weights_sha,
-               "bytes_written": result.bytes_written + (staged.bytes_written if staged else 0),
-               **({"storage": staged.storage} if staged is not None and staged.storage else {})},
-    )
-    if staged is not None:
-        export.seal(staged, out, payload, keep)
-        checkpoint.Checkpoint.remove(work)  # (gone already when the work folder became the output)
-    if report is not None:
-        report_mod.write_json(report, payload)
-    if staged is not None and staged.storage:
-        st = staged.storage
-        Console().print(f"pruned Linear weights: {st['linear_stored_bytes'] / 2**20:.1f} MiB stored vs "
-                        f"{st['linear_dense_bytes'] / 2**20:.1f} MiB dense ({st['linear_ratio']:.3f}x)", highlight=False)
-    _print_summary(payload, report, out)
-
-
-def _check_weights(weights: str, dev, stream_from_disk: bool) -> None:
-    if weights not in ("auto", "gpu", "cpu"):
-        raise UsageError(f"--weights must be auto, gpu or cpu, got {weights!r}")
-    if weights == "gpu" and stream_from_disk:
-        raise UsageError("--stream-from-disk reads each block from disk when it is pruned; drop --weights gpu")
-    if weights == "gpu" and dev.type != "cuda":
-        raise UsageError(f"--weights gpu places the model on a GPU, but --device is {dev}; use --device cuda or --weights auto")
-
-
-def _place_weights(lm, weights: str, dev, tokens, batch_size: int, needs, activations: str) -> str:
-    """Move the whole model to the GPU when asked, or (auto) when it fits beside the run; where the weights are."""
-    from . import devices, memory
-
-    if dev.type != "cuda" or weights == "cpu":
-        return "cpu"
-    n, length = (tokens.shape[0], tokens.shape[1]) if tokens is not None else (0, 0)
-    fits = memory.whole_model_fits(lm, n, length, batch_size, needs, dev, activations, devices.free_bytes(dev),
-                                   devices.cpu_free_bytes())
-    if not fits and weights == "gpu":
-        size = sum(t.numel() * t.element_size() for t in [*lm.parameters(), *lm.buffers()]) / memory.GiB
-        raise UsageError(f"--weights gpu: the model ({size:.1f} GiB) and the run do not fit on {dev} together; "
-                         "use --weights cpu (each block visits the GPU) or --weights auto")
-    if not fits:
-        return "cpu"
-    lm.to(dev)
-    return "gpu"
-
-
-def _stage_output(lm, tok, out, work, in_place, format, overwrite, pattern, keep):
-    """The output but for its report and manifest: the work folder's block shards completed in place, or
-    (compressed, or a model saved under renamed keys) a fresh save beside ``out``."""
-    from . import checkpoint, export
-
-    if in_place:
-        return export.finish_dense(work, lm, tok, checkpoint.read_state(work)["shards"])
-    lm.to("cpu")
-    return export.stage_pruned(lm, tok, out, overwrite, format=format, pattern=pattern, after_error=keep)
-
-
-def _open_streamed(spec, dtype, trust_remote_code):
-    """The model with its blocks left on disk, and the placement that streams them."""
-    from transformers import AutoTokenizer
-
-    from . import loading, streaming
-
-    kind, location = loading.resolve_source(spec)
-    if kind == "hub":
-        raise UsageError(f"--stream-from-disk needs a local model folder; {spec} is not one (download it first)")
-    folder = loading.gguf_to_folder(location) if kind == "gguf" else location
-    lm, reader = streaming.open_model(folder, dtype, trust_remote_code)
-    try:
-        tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError):  # a folder without tokenizer files still prunes with --calib-tokens
-        tok = None
-    return lm, tok, {"spec": spec, "kind": kind, "path": location, "streamed": True}, streaming.DiskBlocks(lm, reader)
 
 
 @app.command("eval")
@@ -404,81 +222,36 @@ def eval_cmd(
 ) -> None:
     """Evaluate any model: perplexity the same way `prune` does, zero-shot accuracy through lm-eval."""
     try:
-        from . import api, data, devices, loading, report as report_mod, zeroshot
-        from .config import EvalSettings, parse_sets
+        from .job import EvalJob
+        from .workflow import run_eval, saved_eval_seqlen
 
-        ppl_sets, zs_tasks = zeroshot.split_task_list(tasks)
-        if eval_sets is None:
-            eval_sets = "" if tasks.strip() else "wikitext2"
         if eval_seqlen is None:
-            eval_seqlen = _saved_eval_seqlen(model, progress) or 2048
-        settings = EvalSettings(tuple(dict.fromkeys(parse_sets(eval_sets) + ppl_sets)), eval_seqlen, max_eval_windows)
-        zs_settings = zeroshot.ZeroShotSettings(zs_tasks, limit, eval_batch_size) if zs_tasks else None
-        if not settings.sets and zs_settings is None:
-            raise UsageError("nothing to evaluate: give --tasks (e.g. --tasks boolq,rte,wikitext2) or --eval")
-        dev = devices.resolve_device(device)
-        dt = devices.resolve_dtype(dtype, dev)
-        ddir = data.data_dir(data_dir)
-        if zs_settings is not None:
-            zeroshot.require_lm_eval()
-            zeroshot.check_local_data(zs_settings.tasks, ddir)
-        if report is not None and report.is_dir():
-            raise UsageError(f"--report {report} is a folder; give a file path such as eval.json")
-        if report is not None:
-            from .integrity import check_writable
-
-            check_writable(report, "--report")
-        t0 = time.perf_counter()
-        lm, tok, info = loading.load_model(model, dt, trust_remote_code, progress)
-        load_s = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        ppl = api.evaluate_perplexity(lm, tok, settings, dev, ddir, progress) if settings.sets else {}
-        zs = None
-        if zs_settings is not None:
-            lm.to(dev)
-            zs = zeroshot.evaluate_zero_shot(lm, tok, zs_settings, ddir, progress)
-        payload = {
-            "model": info, "device": str(dev), "dtype": str(dt).replace("torch.", ""),
-            "perplexity": {k: {"perplexity": v.perplexity, "seqlen": v.seqlen, "windows": v.windows} for k, v in ppl.items()},
-            "time": {"load_s": load_s, "eval_s": time.perf_counter() - t0},
-            "peak_memory_bytes": devices.peak_memory_bytes(), "versions": report_mod.versions(),
-        }
-        if zs is not None:
-            payload["zero_shot"] = {"harness": zs["harness"], "tasks": zs["tasks"], "mean": {"": zs["mean"]}}
-        if report is not None:
-            report.parent.mkdir(parents=True, exist_ok=True)
-            report_mod.write_json(report, payload)
-        if ppl:
-            table = Table(title=f"{model}")
-            for col in ("set", "seqlen x windows", "perplexity"):
-                table.add_column(col)
-            for name, v in ppl.items():
-                table.add_row(name, f"{v.seqlen} x {v.windows}", f"{v.perplexity:.3f}")
-            Console().print(table)
-        if zs is not None:
-            h = zs["harness"]
-            Console().print(_zero_shot_table(payload["zero_shot"], f"{model}: zero-shot (lm-eval {h['lm_eval']}, "
-                                             f"0-shot, limit {h['limit']})"))
+            eval_seqlen = saved_eval_seqlen(model)
+            if eval_seqlen is not None and progress:
+                console.print(f"evaluating with {eval_seqlen}-token windows, as the run that saved {model} did "
+                              "(--eval-seqlen to change)", highlight=False)
+        job = EvalJob.from_flags(model=model, tasks=tasks, eval_sets=eval_sets, eval_seqlen=eval_seqlen or 2048,
+                                 max_eval_windows=max_eval_windows, limit=limit, eval_batch_size=eval_batch_size,
+                                 device=device, dtype=dtype, report=report, data_dir=data_dir,
+                                 trust_remote_code=trust_remote_code, progress=progress)
+        payload, ppl, zs = run_eval(job)
+        _print_eval(model, payload, ppl, zs)
     except UsageError as exc:
         _fail(exc)
 
 
-def _saved_eval_seqlen(model: str, progress: bool) -> int | None:
-    """The window length the prune run that saved the folder ``model`` evaluated with (its own --seqlen when
-    it evaluated nothing), so that `llmprune eval DIR` prints the numbers the run printed."""
-    from .integrity import REPORT_NAME
-
-    path = Path(model).expanduser() / REPORT_NAME
-    try:
-        saved = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    seqlens = [row.get("seqlen") for row in (saved.get("perplexity") or {}).values()]
-    seqlen = next((s for s in seqlens if isinstance(s, int)), None) or (saved.get("calibration") or {}).get("seqlen")
-    if isinstance(seqlen, int) and progress:
-        console.print(f"evaluating with {seqlen}-token windows, as the run that saved {model} did "
-                      "(--eval-seqlen to change)", highlight=False)
-    return seqlen if isinstance(seqlen, int) else None
+def _print_eval(model: str, payload: dict, ppl: dict, zs: dict | None) -> None:
+    if ppl:
+        table = Table(title=f"{model}")
+        for col in ("set", "seqlen x windows", "perplexity"):
+            table.add_column(col)
+        for name, v in ppl.items():
+            table.add_row(name, f"{v.seqlen} x {v.windows}", f"{v.perplexity:.3f}")
+        Console().print(table)
+    if zs is not None:
+        h = zs["harness"]
+        Console().print(_zero_shot_table(payload["zero_shot"], f"{model}: zero-shot (lm-eval {h['lm_eval']}, "
+                                         f"0-shot, limit {h['limit']})"))
 
 
 @app.command()

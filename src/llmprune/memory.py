@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -110,11 +110,20 @@ def estimate(sizes: ModelSizes, nsamples: int, seqlen: int, batch_size: int, nee
     return Estimate(device_bytes, acts if offload else 0, offload, parts)
 
 
+PLACEMENTS = ("auto", "gpu", "cpu")
+
+
+def check_placement(value: str, flag: str) -> str:
+    """Where activations (``--activations``) or weights (``--weights``) live on a GPU run: auto | gpu | cpu."""
+    if value not in PLACEMENTS:
+        raise UsageError(f"{flag} must be auto, gpu or cpu, got {value!r}")
+    return value
+
+
 def plan(sizes: ModelSizes, nsamples: int, seqlen: int, batch_size: int, needs: tuple[str, ...],
          device: torch.device, activations: str, device_free: int | None, cpu_free: int | None) -> Estimate:
     """Choose where activations live (``auto``: on the device when they fit) or refuse with the flags that fit."""
-    if activations not in ("auto", "gpu", "cpu"):
-        raise UsageError(f"--activations must be auto, gpu or cpu, got {activations!r}")
+    check_placement(activations, "--activations")
     options = [False, True] if activations == "auto" else [activations == "cpu"]
     if device.type == "cpu":
         options = [False]

@@ -134,14 +134,33 @@ def prune_blocks(
     the device and takes it back (default ``InMemory``; ``streaming.DiskBlocks`` reads them from files).
     """
     placement = placement or InMemory()
-    decoder, blocks = find_decoder(model)
+    blocks = find_decoder(model)[1]
     if block_patterns is not None and len(block_patterns) != len(blocks):
         raise UsageError(f"--layerwise gives {len(block_patterns)} sparsities but the model has {len(blocks)} blocks")
     names = {id(m): n for n, m in model.named_modules()}
     for block in blocks:
         for name, layer in prunable_layers(block).items():
             check_fits(pattern, weight_matrix(layer).shape[1], f"{names[id(block)]}.{name}")
+    first, results, hidden, calls = _start(model, blocks, names, method, tokens, device, batch_size, checkpoint,
+                                           offload_activations, placement)
+    bar = tqdm(total=len(blocks), initial=first, desc=f"{method.name} {pattern}", unit="block", disable=not progress)
+    for index in range(first, len(blocks)):
+        block = blocks[index]
+        placement.load(index, block, device)
+        block_pattern = pattern if block_patterns is None else block_patterns[index]
+        results += _prune_block(block, index, names[id(block)], method, block_pattern, hidden, _calls_of(calls, index),
+                                reduce_statistics, propagate=index < len(blocks) - 1)
+        if checkpoint is not None:
+            checkpoint.save(index, block, names[id(block)], [asdict(r) for r in results], len(blocks))
+        placement.release(index, block)
+        bar.update()
+    bar.close()
+    return results
 
+
+def _start(model, blocks, names, method, tokens, device, batch_size, checkpoint, offload_activations, placement):
+    """(first block to prune, the finished blocks' results, block 0's inputs, the blocks' call arguments): what a
+    previous run finished is put back and its propagation replayed."""
     restored = checkpoint.restore(len(blocks)) if checkpoint is not None else None
     first = restored.done if restored else 0
     results = [LayerResult(**{**r, "shape": tuple(r["shape"])}) for r in restored.layers] if restored else []
@@ -157,35 +176,27 @@ def prune_blocks(
         _replay(blocks, names, first, placement, checkpoint, device, hidden if propagate else None, calls)
     if checkpoint is not None:
         checkpoint.begin()
+    return first, results, hidden, calls
 
-    last = len(blocks) - 1
-    bar = tqdm(total=len(blocks), initial=first, desc=f"{method.name} {pattern}", unit="block", disable=not progress)
-    for index, block in enumerate(blocks):
-        if index < first:
-            continue
-        placement.load(index, block, device)
-        prefix = names[id(block)]
-        dtype = next(block.parameters()).dtype
-        layers = prunable_layers(block)
-        block_calls = _calls_of(calls, index)
-        collector = None
-        if method.needs:
-            with collect_statistics(layers, method.needs) as collector:
-                _run_block(block, hidden, block_calls, collector=collector)
-            if reduce_statistics is not None:
-                reduce_statistics(collector)
-        for name, layer in layers.items():
-            block_pattern = pattern if block_patterns is None else block_patterns[index]
-            results.append(_prune_layer(method, block_pattern, layer, collector, name, f"{prefix}.{name}", index, dtype))
-        del collector
-        if method.needs and index < last:  # the last block's outputs feed nothing we prune
-            _run_block(block, hidden, block_calls)
-            check_finite(hidden, f"the output of block {index} ({prefix})", dtype)
-        if checkpoint is not None:
-            checkpoint.save(index, block, prefix, [asdict(r) for r in results], len(blocks))
-        placement.release(index, block)
-        bar.update()
-    bar.close()
+
+def _prune_block(block, index: int, prefix: str, method, pattern, hidden, block_calls, reduce_statistics,
+                 propagate: bool) -> list[LayerResult]:
+    """Statistics of one block's Linears over its inputs, each Linear pruned, then (``propagate``) the pruned
+    block's outputs in place of ``hidden``: the next block's inputs."""
+    dtype = next(block.parameters()).dtype
+    layers = prunable_layers(block)
+    collector = None
+    if method.needs:
+        with collect_statistics(layers, method.needs) as collector:
+            _run_block(block, hidden, block_calls, collector=collector)
+        if reduce_statistics is not None:
+            reduce_statistics(collector)
+    results = [_prune_layer(method, pattern, layer, collector, name, f"{prefix}.{name}", index, dtype)
+               for name, layer in layers.items()]
+    del collector
+    if method.needs and propagate:  # the last block's outputs feed nothing we prune
+        _run_block(block, hidden, block_calls)
+        check_finite(hidden, f"the output of block {index} ({prefix})", dtype)
     return results
 
 

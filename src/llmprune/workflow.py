@@ -1,0 +1,244 @@
+"""A whole run from a job: check, load, calibrate, evaluate, prune, evaluate again, save, report.
+
+``run_prune`` is what `llmprune prune` does and what the benchmarks time; the command line only
+builds the ``PruneJob`` and prints what comes back. Each step is a function of its own.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import api, checkpoint, data, devices, export, integrity, layout, loading, memory, zeroshot
+from . import report as report_mod
+from .errors import UsageError
+from .job import EvalJob, PruneJob
+from .models import find_decoder
+
+
+@dataclass
+class Outcome:
+    """What a run leaves: its report, and where it was written."""
+
+    report: dict
+    out: Path | None = None
+    report_path: Path | None = None
+    storage: dict = field(default_factory=dict)
+    """``--format compressed``: stored against dense bytes of the pruned Linear weights."""
+
+
+def preflight(job: PruneJob) -> Path | None:
+    """Checks that need the file system, before the model is loaded; the data folder."""
+    if job.save.out is not None:
+        export.check_output_dir(job.save.out, job.save.overwrite)
+    if job.save.report is not None:
+        integrity.check_writable(job.save.report, "--report")
+    if job.calib_tokens is not None and not job.calib_tokens.is_file():
+        raise UsageError(f"--calib-tokens {job.calib_tokens}: no such file")
+    if job.calib_tokens is None and job.needs_calibration:
+        data.check_calibration_source(job.calibration.source)  # a bad file is refused before the model is loaded
+    ddir = data.data_dir(job.data_dir)
+    if job.zero_shot is not None:
+        zeroshot.require_lm_eval()
+        zeroshot.check_local_data(job.zero_shot.tasks, ddir)
+    return ddir
+
+
+def load(job: PruneJob, show_progress: bool):
+    """(model, tokenizer, model info, placement): placement is None, or the streamed blocks' reader."""
+    if job.run.stream_from_disk:
+        return open_streamed(job.model, job.run.dtype, job.trust_remote_code)
+    lm, tok, info = loading.load_model(job.model, job.run.dtype, job.trust_remote_code, show_progress)
+    return lm, tok, info, None
+
+
+def open_streamed(spec: str, dtype, trust_remote_code: bool):
+    """The model with its blocks left on disk, and the placement that streams them."""
+    from transformers import AutoTokenizer
+
+    from . import streaming
+
+    kind, location = loading.resolve_source(spec)
+    if kind == "hub":
+        raise UsageError(f"--stream-from-disk needs a local model folder; {spec} is not one (download it first)")
+    folder = loading.gguf_to_folder(location) if kind == "gguf" else location
+    lm, reader = streaming.open_model(folder, dtype, trust_remote_code)
+    try:
+        tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError):  # a folder without tokenizer files still prunes with --calib-tokens
+        tok = None
+    return lm, tok, {"spec": spec, "kind": kind, "path": location, "streamed": True}, streaming.DiskBlocks(lm, reader)
+
+
+def calibration(job: PruneJob, lm, tok, ddir):
+    """(tokens or None, the Calibration they were drawn from or None for a token file)."""
+    if job.calib_tokens is not None:
+        return data.load_token_file(job.calib_tokens, lm.config.get_text_config().vocab_size), None
+    if job.needs_calibration:  # sampled now: bad input fails before any evaluation
+        return api.calibration_tokens(lm, tok, job.calibration, ddir), job.calibration
+    return None, None
+
+
+def place_weights(lm, weights: str, dev, tokens, batch_size: int, needs, activations: str) -> str:
+    """Move the whole model to the GPU when asked, or (auto) when it fits beside the run; where the weights are."""
+    if dev.type != "cuda" or weights == "cpu":
+        return "cpu"
+    n, length = (tokens.shape[0], tokens.shape[1]) if tokens is not None else (0, 0)
+    fits = memory.whole_model_fits(lm, n, length, batch_size, needs, dev, activations, devices.free_bytes(dev),
+                                   devices.cpu_free_bytes())
+    if not fits and weights == "gpu":
+        size = sum(t.numel() * t.element_size() for t in [*lm.parameters(), *lm.buffers()]) / memory.GiB
+        raise UsageError(f"--weights gpu: the model ({size:.1f} GiB) and the run do not fit on {dev} together; "
+                         "use --weights cpu (each block visits the GPU) or --weights auto")
+    if not fits:
+        return "cpu"
+    lm.to(dev)
+    return "gpu"
+
+
+class Evaluator:
+    """Perplexity sets and zero-shot tasks of the model as it is now, with their seconds added up."""
+
+    def __init__(self, job: PruneJob, lm, tok, ddir) -> None:
+        self.job, self.lm, self.tok, self.ddir = job, lm, tok, ddir
+        t0 = time.perf_counter()
+        self.windows = api.eval_windows(lm, tok, job.eval, ddir) if job.eval.sets else None
+        self.seconds = time.perf_counter() - t0
+
+    @property
+    def active(self) -> bool:
+        return bool(self.job.eval.sets) or self.job.zero_shot is not None
+
+    def __call__(self, label: str):
+        """(perplexities, zero-shot results or None) of the model now."""
+        job, t0 = self.job, time.perf_counter()
+        ppl = api.perplexities(self.lm, self.windows, job.eval, job.run.device, job.run.progress, label=label) \
+            if job.eval.sets else {}
+        zs = None
+        if job.zero_shot is not None:
+            self.lm.to(job.run.device)
+            zs = zeroshot.evaluate_zero_shot(self.lm, self.tok, job.zero_shot, self.ddir, job.run.progress, label=label)
+        self.seconds += time.perf_counter() - t0
+        return ppl, zs
+
+
+def run_prune(job: PruneJob, world) -> Outcome | None:
+    """The whole `llmprune prune`; None on the torchrun ranks other than 0 (rank 0 evaluates, saves, reports)."""
+    startup_s = report_mod.process_age_s()  # interpreter, imports and parsing, before any of this run's work
+    ddir = preflight(job)
+    devices.reset_peak_memory()
+    t0 = time.perf_counter()
+    lm, tok, info, placement = load(job, job.run.progress and world.is_main)
+    load_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    find_decoder(lm)  # an unsupported architecture is refused before any evaluation
+    in_place = job.save.format == "dense" and layout.direct_layout_supported(lm)  # the work folder becomes --out
+    if placement is not None and not in_place:
+        raise UsageError("--stream-from-disk: transformers saves this architecture under other tensor names than it "
+                         "loads; prune it without --stream-from-disk")
+    tokens, drawn_from = calibration(job, lm, tok, ddir)
+    calib_data_s = time.perf_counter() - t0
+    evaluate = Evaluator(job, lm, tok, ddir)
+    dense = evaluate("dense")
+    if evaluate.active:
+        lm.to("cpu")
+    where = "streamed" if placement is not None else place_weights(
+        lm, job.run.weights, job.run.device, tokens, job.run.batch_size, job.method.needs, job.run.activations)
+    work = checkpoint.work_dir_for(job.save.out) if job.save.out is not None else None
+    result = api.prune(lm, tok, method=job.method, pattern=job.pattern, calibration=drawn_from, calib_tokens=tokens,
+                       device=job.run.device, batch_size=job.run.batch_size, data_dir=ddir,
+                       progress=job.run.progress and world.is_main, layerwise=job.layerwise,
+                       activations=job.run.activations, world=world, placement=placement, checkpoint_dir=work,
+                       overwrite=job.save.overwrite)
+    if not world.is_main:  # every rank holds the same pruned model; rank 0 evaluates, reports and saves it
+        return None
+    pruned = evaluate("pruned")
+    times = {"load_s": load_s, "calib_data_s": calib_data_s, "prune_s": result.prune_s, "startup_s": startup_s}
+    return finish(job, lm, tok, info, result, (dense, pruned), evaluate.seconds, times, work, in_place,
+                  placement, world, where)
+
+
+def finish(job: PruneJob, lm, tok, info, result, evaluations, eval_s: float, times: dict, work, in_place: bool,
+           placement, world, where: str) -> Outcome:
+    """Save (from the work folder's shards, or a fresh save), hash, report; the report written last."""
+    (dense_ppl, dense_zs), (pruned_ppl, pruned_zs) = evaluations
+    out = job.save.out
+    keep = f"; the pruned blocks are kept in {work}: re-run the same command to finish"
+    t0 = time.perf_counter()
+    staged = stage_output(lm, tok, job, work, in_place, keep) if out is not None else None
+    save_s = result.save_s + time.perf_counter() - t0
+    t0 = time.perf_counter()
+    weights_sha = integrity.state_sha256(lm, result.tensor_sha256) if placement is None else None
+    times = {"load_s": times["load_s"], "calib_data_s": times["calib_data_s"], "prune_s": times["prune_s"],
+             "eval_s": eval_s, "save_s": save_s, "hash_s": time.perf_counter() - t0, "startup_s": times["startup_s"]}
+    payload = report_mod.build_report(
+        model=info, result=result, device=job.run.device, dtype=job.run.dtype, times=times,
+        peak=devices.peak_memory_bytes(), dense_ppl=dense_ppl, pruned_ppl=pruned_ppl, eval_settings=job.eval,
+        zero_shot=report_mod.zero_shot_table(dense_zs, pruned_zs),
+        extra={"command": sys.argv, "processes": world.size, "weights": where, "weights_sha256": weights_sha,
+               "bytes_written": result.bytes_written + (staged.bytes_written if staged else 0),
+               **({"storage": staged.storage} if staged is not None and staged.storage else {})},
+    )
+    if staged is not None:
+        export.seal(staged, out, payload, keep)
+        checkpoint.Checkpoint.remove(work)  # (gone already when the work folder became the output)
+    if job.save.report is not None:
+        report_mod.write_json(job.save.report, payload)
+    return Outcome(payload, out, job.save.report, (staged.storage or {}) if staged is not None else {})
+
+
+def stage_output(lm, tok, job: PruneJob, work, in_place: bool, keep: str):
+    """The output but for its report and manifest: the work folder's block shards completed in place, or
+    (compressed, or a model saved under renamed keys) a fresh save beside ``--out``."""
+    if in_place:
+        return export.finish_dense(work, lm, tok, checkpoint.read_state(work)["shards"])
+    lm.to("cpu")
+    return export.stage_pruned(lm, tok, job.save.out, job.save.overwrite, format=job.save.format, pattern=job.pattern,
+                               after_error=keep)
+
+
+def saved_eval_seqlen(model: str) -> int | None:
+    """The window length the prune run that saved the folder ``model`` evaluated with (its own --seqlen when
+    it evaluated nothing), so that `llmprune eval DIR` prints the numbers the run printed."""
+    import json
+
+    try:
+        saved = json.loads((Path(model).expanduser() / integrity.REPORT_NAME).read_text())
+    except (OSError, ValueError):
+        return None
+    seqlens = [row.get("seqlen") for row in (saved.get("perplexity") or {}).values()]
+    seqlen = next((s for s in seqlens if isinstance(s, int)), None) or (saved.get("calibration") or {}).get("seqlen")
+    return seqlen if isinstance(seqlen, int) else None
+
+
+def run_eval(job: EvalJob) -> tuple[dict, dict, dict | None]:
+    """The whole `llmprune eval`: (report, perplexities, zero-shot results or None); the report written if asked."""
+    ddir = data.data_dir(job.data_dir)
+    if job.zero_shot is not None:
+        zeroshot.require_lm_eval()
+        zeroshot.check_local_data(job.zero_shot.tasks, ddir)
+    if job.report is not None:
+        integrity.check_writable(job.report, "--report")
+    t0 = time.perf_counter()
+    lm, tok, info = loading.load_model(job.model, job.dtype, job.trust_remote_code, job.progress)
+    load_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    ppl = api.evaluate_perplexity(lm, tok, job.eval, job.device, ddir, job.progress) if job.eval.sets else {}
+    zs = None
+    if job.zero_shot is not None:
+        lm.to(job.device)
+        zs = zeroshot.evaluate_zero_shot(lm, tok, job.zero_shot, ddir, job.progress)
+    payload = {
+        "model": info, "device": str(job.device), "dtype": str(job.dtype).replace("torch.", ""),
+        "perplexity": {k: {"perplexity": v.perplexity, "seqlen": v.seqlen, "windows": v.windows} for k, v in ppl.items()},
+        "time": {"load_s": load_s, "eval_s": time.perf_counter() - t0},
+        "peak_memory_bytes": devices.peak_memory_bytes(), "versions": report_mod.versions(),
+    }
+    if zs is not None:
+        payload["zero_shot"] = {"harness": zs["harness"], "tasks": zs["tasks"], "mean": {"": zs["mean"]}}
+    if job.report is not None:
+        job.report.parent.mkdir(parents=True, exist_ok=True)
+        report_mod.write_json(job.report, payload)
+    return payload, ppl, zs
