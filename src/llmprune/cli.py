@@ -14,6 +14,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from .errors import UsageError
+from .methods import METHODS
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None, help="One-shot pruning of large language models.",
                   pretty_exceptions_show_locals=False)
@@ -122,7 +123,7 @@ def _print_summary(report: dict, report_path: Path | None = None, out: Path | No
 @app.command()
 def prune(
     model: str = ModelOpt,
-    method: str = typer.Option("wanda", "--method", help="wanda | wanda-variant | ria | sparsegpt | magnitude"),
+    method: str = typer.Option("wanda", "--method", help=" | ".join(METHODS)),
     sparsity: float = typer.Option(0.5, "--sparsity", help="Fraction in [0, 1) for unstructured."),
     pattern: str = typer.Option("unstructured", "--pattern", help="unstructured, or N:M (e.g. 2:4, 4:8, 1:4)."),
     layerwise: str = typer.Option("uniform", "--layerwise", help="Per-block sparsity (unstructured): uniform | owl | comma list | file of sparsities."),

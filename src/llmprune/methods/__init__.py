@@ -21,6 +21,24 @@ METHODS = {
     "magnitude": Magnitude,
 }
 UPDATES = ("none", "lsq")
+
+
+def register(name: str, factory) -> None:
+    """Make a method known by ``name`` (``--method name`` too): ``factory()`` returns an instance. A score method
+    is a ``base.ScoreMethod`` subclass with a ``score``; ``get_method`` applies the modifiers to it."""
+    if name.lower() in METHODS:
+        raise ValueError(f"a method named {name!r} is registered already")
+    METHODS[name.lower()] = factory
+
+
+def _permutable() -> list[str]:
+    return [name for name, make in METHODS.items()
+            if dataclasses.is_dataclass(m := make()) and any(f.name == "permute" for f in dataclasses.fields(m))]
+
+
+def score_method_names() -> list[str]:
+    """The registered methods that prune by a score (the ones --permute and --refine apply to)."""
+    return [name for name, make in METHODS.items() if hasattr(make(), "score")]
 REFINES = ("none", "dsnot")
 
 
@@ -36,12 +54,12 @@ def get_method(name_or_method, *, permute: bool = False, update: str | None = No
             raise UsageError(f"--method must be one of {', '.join(METHODS)}, got {name_or_method!r}") from None
     if permute:
         if not (dataclasses.is_dataclass(method) and any(f.name == "permute" for f in dataclasses.fields(method))):
-            raise UsageError(f"--permute works with the score methods (wanda, ria, magnitude), not {method.name}")
+            raise UsageError(f"--permute works with the score methods ({', '.join(_permutable())}), not {method.name}")
         method = dataclasses.replace(method, permute=True)
     refine = as_refine(refine)
     if refine is not None and not isinstance(method, WithDSnoT):
         if not hasattr(method, "score"):
-            raise UsageError(f"--refine dsnot refines the mask of a score method (wanda, wanda-variant, ria, magnitude); "
+            raise UsageError(f"--refine dsnot refines the mask of a score method ({', '.join(score_method_names())}); "
                              f"{method.name} changes the weights as it masks: drop --refine")
         method = WithDSnoT(method, refine.cycles, refine.threshold)
     update = (update or "none").lower()
@@ -69,5 +87,5 @@ def as_refine(refine) -> DSnoT | None:
     return DSnoT() if name == "dsnot" else None
 
 
-__all__ = ["METHODS", "RIA", "Magnitude", "SparseGPT", "Wanda", "WithDSnoT", "WithUpdate", "as_refine", "get_method",
+__all__ = ["METHODS", "register", "score_method_names", "RIA", "Magnitude", "SparseGPT", "Wanda", "WithDSnoT", "WithUpdate", "as_refine", "get_method",
            "lsq_update", "refine_mask", "wrapped"]
