@@ -51,3 +51,45 @@ def test_a_registered_method_is_named_in_the_errors(registered):
         methods.get_method("nope")
     with pytest.raises(UsageError, match=r"score method \(wanda, wanda-variant, ria, magnitude, wanda-squared\)"):
         methods.get_method("sparsegpt", refine="dsnot")
+
+
+@dataclass(frozen=True)
+class RoundKept:
+    """An example update modifier: the kept weights rounded to bfloat16 after the mask."""
+
+    kind = "update"
+
+    def apply(self, method):
+        return _Rounded(method)
+
+
+@dataclass(frozen=True)
+class _Rounded:
+    method: object
+
+    @property
+    def name(self):
+        return f"{self.method.name}+round"
+
+    @property
+    def needs(self):
+        return self.method.needs
+
+    def prune(self, weight, stats, pattern):
+        new, keep = self.method.prune(weight, stats, pattern)
+        return new.to(torch.bfloat16).to(new.dtype), keep
+
+    def settings(self):
+        return {**self.method.settings(), "update": "round"}
+
+
+def test_a_registered_modifier_is_one_class_and_one_line(monkeypatch):
+    monkeypatch.setitem(methods.MODIFIERS, "round", RoundKept)
+    assert methods.modifier_names("update") == ("none", "lsq", "round")
+    model, tokens = tiny_model("llama"), random_tokens(4, 16)
+    result = api.prune(model, method="wanda", calib_tokens=tokens, device="cpu", progress=False, update="round")
+    assert result.method == "wanda+round" and result.method_settings["update"] == "round"
+    weight = model.model.layers[0].mlp.up_proj.weight
+    assert torch.equal(weight, weight.to(torch.bfloat16).float()) and (weight == 0).float().mean().item() == 0.5
+    with pytest.raises(UsageError, match=r"--update must be one of none, lsq, round, got 'nope'"):
+        methods.get_method("wanda", update="nope")

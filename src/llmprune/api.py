@@ -12,7 +12,8 @@ import torch
 
 from . import data as data_mod
 from .checkpoint import Checkpoint, model_fingerprint, tokens_sha256
-from .config import Calibration, DSnoT, EvalSettings
+from .config import Calibration, EvalSettings
+from .methods.dsnot import DSnoT
 from . import distributed, memory
 from .devices import cpu_free_bytes, deterministic, free_bytes, resolve_device, synchronize
 from .errors import UsageError

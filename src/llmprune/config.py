@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 
 from .errors import UsageError
@@ -54,22 +53,3 @@ class EvalSettings:
 
 def parse_sets(text: str | None) -> tuple[str, ...]:
     return tuple(s.strip().lower() for s in (text or "").split(",") if s.strip())
-
-
-@dataclass(frozen=True)
-class DSnoT:
-    """Mask refinement after the scoring method (``--refine dsnot``): per row, swap a pruned weight in and a kept
-    weight out while that lowers the expected reconstruction error |eps| (see ``methods.dsnot``)."""
-
-    cycles: int = 50
-    """At most this many swaps per output row."""
-    threshold: float = 0.1
-    """A row stops once |eps| is at or below this (eps: expected output error per token)."""
-
-    def __post_init__(self) -> None:
-        if isinstance(self.cycles, bool) or not isinstance(self.cycles, int) or self.cycles < 1:
-            raise UsageError(f"--dsnot-cycles must be a positive integer, got {self.cycles!r}; e.g. --dsnot-cycles 50")
-        if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)) \
-                or not math.isfinite(self.threshold) or self.threshold < 0:
-            raise UsageError(f"--dsnot-threshold must be a finite number >= 0, got {self.threshold!r}; "
-                             "e.g. --dsnot-threshold 0.1")

@@ -15,10 +15,10 @@ from pathlib import Path
 import torch
 
 from . import devices, export, memory, zeroshot
-from .config import Calibration, DSnoT, EvalSettings, parse_sets
+from .config import Calibration, EvalSettings, parse_sets
 from .errors import UsageError
 from .layerwise import OWL, parse_layerwise
-from .methods import as_refine, get_method, wrapped
+from .methods import DSnoT, as_refine, get_method, wrapped
 from .patterns import Pattern, Unstructured, parse_pattern
 
 def check_combination(method, pattern: Pattern, layerwise) -> None:

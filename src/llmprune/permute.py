@@ -8,9 +8,13 @@ permuted column order, not in the original order (see ``nm_permutation``).
 
 from __future__ import annotations
 
-import torch
-from scipy.optimize import linear_sum_assignment
+import dataclasses
+from dataclasses import dataclass
+from typing import ClassVar
 
+import torch
+
+from .errors import UsageError
 from .patterns import NM, select
 
 
@@ -29,6 +33,8 @@ def nm_permutation(scores: torch.Tensor, pattern: NM, rounds: int = 1, chunk_ele
     M-1 entries have N-th largest value t gains sum over rows of max(0, s_c - t). Each assignment can only
     raise the kept score; the identity order is returned if it keeps more.
     """
+    from scipy.optimize import linear_sum_assignment
+
     rows, cols = scores.shape
     m, n = pattern.m, pattern.n
     identity = torch.arange(cols)
@@ -74,3 +80,19 @@ def permuted_nm_select(scores: torch.Tensor, pattern: NM, rounds: int = 1, then=
     keep = torch.empty_like(scores, dtype=torch.bool)
     keep[:, perm] = chosen if then is None else then(chosen, perm)
     return keep
+
+
+@dataclass(frozen=True)
+class Permute:
+    """The modifier ``--permute``: a score method chooses its N:M masks on input channels reordered so that more
+    score survives (``permuted_nm_select``; the method's ``permute`` field switches it on)."""
+
+    kind: ClassVar[str] = "permute"
+
+    def apply(self, method):
+        if not (dataclasses.is_dataclass(method) and any(f.name == "permute" for f in dataclasses.fields(method))):
+            from .methods import permutable_names
+
+            raise UsageError(f"--permute works with the score methods ({', '.join(permutable_names())}), "
+                             f"not {method.name}")
+        return dataclasses.replace(method, permute=True)

@@ -1,16 +1,21 @@
-"""Pruning methods by name."""
+"""Pruning methods and their modifiers, by name.
+
+A method is a registered class (``register``); a modifier (``MODIFIERS``) is a small options object with an
+``apply(method) -> method`` that refuses, with one line, a method it does not fit. Modifiers apply in the
+order of ``MODIFIER_ORDER``: the mask is chosen (permuted or not), then refined, then the kept weights updated.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 
-from ..config import DSnoT
 from ..errors import UsageError
-from .dsnot import WithDSnoT, refine_mask
+from ..permute import Permute
+from .dsnot import DSnoT, WithDSnoT, refine_mask
 from .magnitude import Magnitude
 from .ria import RIA
 from .sparsegpt import SparseGPT
-from .update import WithUpdate, lsq_update
+from .update import LeastSquares, WithUpdate, lsq_update
 from .wanda import Wanda
 
 METHODS = {
@@ -20,7 +25,14 @@ METHODS = {
     "sparsegpt": SparseGPT,
     "magnitude": Magnitude,
 }
-UPDATES = ("none", "lsq")
+MODIFIERS = {"permute": Permute, "dsnot": DSnoT, "lsq": LeastSquares}
+"""Modifier name -> its options class (``kind``: permute | refine | update, the flag that names it)."""
+MODIFIER_ORDER = ("permute", "refine", "update")
+
+
+def modifier_names(kind: str) -> tuple[str, ...]:
+    """The values of the flag of modifiers of ``kind`` ("refine": none, dsnot; "update": none, lsq)."""
+    return ("none", *(name for name, mod in MODIFIERS.items() if mod.kind == kind))
 
 
 def register(name: str, factory) -> None:
@@ -31,43 +43,40 @@ def register(name: str, factory) -> None:
     METHODS[name.lower()] = factory
 
 
-def _permutable() -> list[str]:
-    return [name for name, make in METHODS.items()
-            if dataclasses.is_dataclass(m := make()) and any(f.name == "permute" for f in dataclasses.fields(m))]
-
-
-def score_method_names() -> list[str]:
-    """The registered methods that prune by a score (the ones --permute and --refine apply to)."""
-    return [name for name, make in METHODS.items() if hasattr(make(), "score")]
-REFINES = ("none", "dsnot")
-
-
-def get_method(name_or_method, *, permute: bool = False, update: str | None = None, refine=None):
-    """A method instance from its name (or the instance itself), with channel permutation for N:M
-    (score methods only), the mask refined by DSnoT (``refine="dsnot"`` or a ``config.DSnoT``; score
-    methods only) and then a weight update after the mask (``update="lsq"``) if asked."""
+def get_method(name_or_method, *, permute: bool = False, update=None, refine=None, modifiers=()):
+    """A method instance from its name (or the instance itself) with its modifiers applied: ``permute`` (N:M masks
+    on permuted input channels), ``refine`` ("dsnot" or a ``DSnoT``), ``update`` ("lsq" or a ``LeastSquares``),
+    and any other modifier objects in ``modifiers``, in ``MODIFIER_ORDER``."""
     method = name_or_method
     if isinstance(method, str):
         try:
             method = METHODS[method.lower()]()
         except KeyError:
             raise UsageError(f"--method must be one of {', '.join(METHODS)}, got {name_or_method!r}") from None
-    if permute:
-        if not (dataclasses.is_dataclass(method) and any(f.name == "permute" for f in dataclasses.fields(method))):
-            raise UsageError(f"--permute works with the score methods ({', '.join(_permutable())}), not {method.name}")
-        method = dataclasses.replace(method, permute=True)
-    refine = as_refine(refine)
-    if refine is not None and not isinstance(method, WithDSnoT):
-        if not hasattr(method, "score"):
-            raise UsageError(f"--refine dsnot refines the mask of a score method ({', '.join(score_method_names())}); "
-                             f"{method.name} changes the weights as it masks: drop --refine")
-        method = WithDSnoT(method, refine.cycles, refine.threshold)
-    update = (update or "none").lower()
-    if update not in UPDATES:
-        raise UsageError(f"--update must be one of {', '.join(UPDATES)}, got {update!r}")
-    if update == "lsq" and not isinstance(method, WithUpdate):
-        method = WithUpdate(method)
+    chosen = [Permute() if permute else None, as_refine(refine), as_update(update), *modifiers]
+    for mod in sorted((m for m in chosen if m is not None), key=lambda m: MODIFIER_ORDER.index(m.kind)):
+        method = mod.apply(method)
     return method
+
+
+def _named(value, kind: str, flag: str):
+    """A modifier from its flag's value: None/"none" -> None, a name -> its default options, an object as it is."""
+    if value is None or not isinstance(value, str):
+        return value
+    name, names = value.lower(), modifier_names(kind)
+    if name not in names:
+        raise UsageError(f"{flag} must be one of {', '.join(names)}, got {value!r}")
+    return None if name == "none" else MODIFIERS[name]()
+
+
+def as_refine(refine):
+    """``--refine``: "dsnot" -> ``DSnoT()`` (the paper's defaults)."""
+    return _named(refine, "refine", "--refine")
+
+
+def as_update(update):
+    """``--update``: "lsq" -> ``LeastSquares()``."""
+    return _named(update, "update", "--update")
 
 
 def wrapped(method):
@@ -77,15 +86,17 @@ def wrapped(method):
         method = getattr(method, "method", None)
 
 
-def as_refine(refine) -> DSnoT | None:
-    """``None``/"none" -> None, "dsnot" -> ``DSnoT()`` (the paper's defaults), a ``DSnoT`` as it is."""
-    if refine is None or isinstance(refine, DSnoT):
-        return refine
-    name = str(refine).lower()
-    if name not in REFINES:
-        raise UsageError(f"--refine must be one of {', '.join(REFINES)}, got {refine!r}")
-    return DSnoT() if name == "dsnot" else None
+def permutable_names() -> list[str]:
+    """The registered methods ``--permute`` applies to (score methods with a ``permute`` field)."""
+    return [name for name, make in METHODS.items()
+            if dataclasses.is_dataclass(m := make()) and any(f.name == "permute" for f in dataclasses.fields(m))]
 
 
-__all__ = ["METHODS", "register", "score_method_names", "RIA", "Magnitude", "SparseGPT", "Wanda", "WithDSnoT", "WithUpdate", "as_refine", "get_method",
-           "lsq_update", "refine_mask", "wrapped"]
+def score_method_names() -> list[str]:
+    """The registered methods that prune by a score (the ones --refine applies to)."""
+    return [name for name, make in METHODS.items() if hasattr(make(), "score")]
+
+
+__all__ = ["DSnoT", "LeastSquares", "METHODS", "MODIFIERS", "Magnitude", "Permute", "RIA", "SparseGPT", "Wanda",
+           "WithDSnoT", "WithUpdate", "as_refine", "as_update", "get_method", "lsq_update", "modifier_names", "permutable_names",
+           "refine_mask", "register", "score_method_names", "wrapped"]

@@ -17,11 +17,13 @@ All rows of a weight advance together; the only loop is over cycles.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import ClassVar, Mapping
 
 import torch
 
+from ..errors import UsageError
 from ..patterns import NM, Pattern
 from ..stats import feature_variance
 
@@ -96,6 +98,38 @@ def _least_in_group(col: torch.Tensor, prunable: torch.Tensor, importance: torch
     scores = torch.where(prunable.gather(1, cols), importance.gather(1, cols), float("inf"))
     best, j = scores.min(dim=1)
     return start + j, torch.isfinite(best)
+
+
+@dataclass(frozen=True)
+class DSnoT:
+    """The modifier ``--refine dsnot``: after the scoring method's mask, per row, swap a pruned weight in and a
+    kept weight out while that lowers the expected reconstruction error |eps| (``refine_mask``)."""
+
+    kind: ClassVar[str] = "refine"
+
+    cycles: int = 50
+    """At most this many swaps per output row."""
+    threshold: float = 0.1
+    """A row stops once |eps| is at or below this (eps: expected output error per token)."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.cycles, bool) or not isinstance(self.cycles, int) or self.cycles < 1:
+            raise UsageError(f"--dsnot-cycles must be a positive integer, got {self.cycles!r}; e.g. --dsnot-cycles 50")
+        if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)) \
+                or not math.isfinite(self.threshold) or self.threshold < 0:
+            raise UsageError(f"--dsnot-threshold must be a finite number >= 0, got {self.threshold!r}; "
+                             "e.g. --dsnot-threshold 0.1")
+
+    def apply(self, method):
+        """``method`` with its mask refined; score methods only (a method that updates weights has no fixed mask)."""
+        if isinstance(method, WithDSnoT):
+            return method
+        if not hasattr(method, "score"):
+            from . import score_method_names
+
+            raise UsageError(f"--refine dsnot refines the mask of a score method ({', '.join(score_method_names())}); "
+                             f"{method.name} changes the weights as it masks: drop --refine")
+        return WithDSnoT(method, self.cycles, self.threshold)
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ weights.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import ClassVar, Mapping
 
 import torch
 
@@ -97,3 +97,15 @@ class WithUpdate:
 
     def settings(self) -> dict:
         return {**self.method.settings(), "update": "lsq", "update_damp": self.damp, "update_iters": self.iters}
+
+
+@dataclass(frozen=True)
+class LeastSquares:
+    """The modifier ``--update lsq``: after any method's mask, the kept weights re-fitted by ``lsq_update``."""
+
+    kind: ClassVar[str] = "update"
+    damp: float = 0.01
+    iters: int = 20
+
+    def apply(self, method):
+        return method if isinstance(method, WithUpdate) else WithUpdate(method, self.damp, self.iters)
