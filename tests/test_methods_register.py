@@ -93,3 +93,13 @@ def test_a_registered_modifier_is_one_class_and_one_line(monkeypatch):
     assert torch.equal(weight, weight.to(torch.bfloat16).float()) and (weight == 0).float().mean().item() == 0.5
     with pytest.raises(UsageError, match=r"--update must be one of none, lsq, round, got 'nope'"):
         methods.get_method("wanda", update="nope")
+
+
+def test_every_registered_method_and_modifier_fits_its_protocol():
+    from llmprune.methods.base import Method, Modifier
+
+    for name in methods.METHODS:
+        assert isinstance(methods.get_method(name), Method), name
+    for name, make in methods.MODIFIERS.items():
+        assert isinstance(make(), Modifier), name
+    assert isinstance(methods.get_method("wanda", permute=True, refine="dsnot", update="lsq"), Method)

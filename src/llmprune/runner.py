@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import asdict, dataclass, field
-from typing import Sequence
+from typing import Protocol, Sequence
 
 import torch
 from torch import nn
@@ -33,6 +33,17 @@ class LayerResult:
     @property
     def sparsity(self) -> float:
         return self.zeros / (self.shape[0] * self.shape[1])
+
+
+class Placement(Protocol):
+    """How blocks reach the compute device and leave it (``InMemory``; ``streaming.DiskBlocks``)."""
+
+    keeps_weights: bool
+    """True when a finished block keeps its weights in memory (a resume must put the saved ones back)."""
+
+    def load(self, index: int, block: nn.Module, device: torch.device, saved: dict | None = None) -> None: ...
+
+    def release(self, index: int, block: nn.Module) -> None: ...
 
 
 class InMemory:
@@ -119,7 +130,7 @@ def prune_blocks(
     checkpoint=None,
     offload_activations: bool = False,
     reduce_statistics=None,
-    placement=None,
+    placement: Placement | None = None,
 ) -> list[LayerResult]:
     """Prune every decoder block's Linear layers in place; embeddings and lm_head are untouched.
 

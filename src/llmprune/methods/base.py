@@ -2,11 +2,44 @@
 
 from __future__ import annotations
 
-from typing import ClassVar, Mapping
+from typing import ClassVar, Mapping, Protocol, runtime_checkable
 
 import torch
 
 from ..patterns import NM, Pattern, Scope, select
+
+
+Stats = Mapping[str, object]
+"""A Linear's statistics by name (``stats.STATISTICS``: norms, means, hessian), as a method declared it needs."""
+
+
+@runtime_checkable
+class Method(Protocol):
+    """What the runner calls: a pure function of a weight, its statistics and the pattern."""
+
+    name: str
+    needs: tuple[str, ...]
+    """Statistics the runner must collect for it (empty: no calibration forward at all)."""
+
+    def prune(self, weight: torch.Tensor, stats: Stats, pattern: Pattern) -> tuple[torch.Tensor, torch.Tensor]:
+        """(new weight, keep-mask); pruned entries of the new weight are zeros."""
+        ...
+
+    def settings(self) -> dict:
+        """What the report records of its options."""
+        ...
+
+
+@runtime_checkable
+class Modifier(Protocol):
+    """An options object that turns a method into another (``methods.MODIFIERS``)."""
+
+    kind: str
+    """permute | refine | update: the flag that names it, and when it applies (``methods.MODIFIER_ORDER``)."""
+
+    def apply(self, method: Method) -> Method:
+        """The modified method; a ``UsageError`` naming the flag when it does not fit ``method``."""
+        ...
 
 
 class ScoreMethod:
