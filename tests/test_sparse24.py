@@ -17,7 +17,7 @@ class EmulatedKernels:
 
     calls = 0
     algos = []
-    found = sparse24.Algo(3)
+    found = 3  # the algorithm id the search picks
     compress = staticmethod(lambda w: w.clone())
     search = staticmethod(lambda packed, b: EmulatedKernels.found)
 
@@ -35,7 +35,7 @@ def emulated(monkeypatch):
         monkeypatch.setattr(sparse24.Kernels, name, getattr(EmulatedKernels, name))
     EmulatedKernels.calls = 0
     EmulatedKernels.algos = []
-    EmulatedKernels.found = sparse24.Algo(3)
+    EmulatedKernels.found = 3
     return EmulatedKernels
 
 
@@ -97,18 +97,16 @@ def test_plan_picks_per_bucket(emulated):
 
 
 def test_choose_takes_the_fastest_configuration_only_past_the_margin():
-    a, b = sparse24.Algo(1), sparse24.Algo(2, split_k=4, split_k_mode=1)
+    a, b = sparse24.Algo(1), sparse24.Algo(2)
     assert sparse24.choose(1.0, {a: 0.9, b: 0.8}) == (sparse24.Choice(True, b), 0.8)
     assert sparse24.choose(1.0, {a: 0.9, b: 0.97}) == (sparse24.Choice(True, a), 0.9)
     assert sparse24.choose(1.0, {a: 0.96}) == (sparse24.Choice(False, a), 0.96)  # 4% faster: not enough
 
 
-def test_search_algos_takes_the_searched_algorithm_without_split_k(emulated):
+def test_search_algos_takes_the_searched_algorithm(emulated):
     core = sparse24.SparseCore(torch.tensor([[1.0, 0.0, 3.0, 0.0]] * 8), None, sparse24.Plan())
     x = torch.randn(5, 4)
-    emulated.found = sparse24.Algo(7, split_k=-1, split_k_mode=2)  # what mm_search returns on the H200
-    assert sparse24.search_algos(core, x) == [sparse24.Algo(7)]
-    emulated.found = 7  # torch's older search returns the algorithm id alone
+    emulated.found = 7
     assert sparse24.search_algos(core, x) == [sparse24.Algo(7)]
 
     def fails(packed, b):
@@ -118,9 +116,22 @@ def test_search_algos_takes_the_searched_algorithm_without_split_k(emulated):
     assert sparse24.search_algos(core, x) == [sparse24.Algo()]
 
 
+def test_search_returns_the_algorithm_id_alone(monkeypatch):
+    class Cusparselt:  # mm_search returns (alg, split_k, split_k_mode, max_alg_id); on the H200 split_k is -1
+        mm_search = staticmethod(lambda packed, b, *args: (7, -1, 2, 40))
+
+    packed, b = torch.zeros(8, 4), torch.zeros(4, 8)
+    monkeypatch.setattr(torch._C, "_cusparselt", Cusparselt, raising=False)
+    assert sparse24._search(packed, b) == 7
+    monkeypatch.setattr(torch._C, "_cusparselt", None, raising=False)  # torch without it: the older search
+    monkeypatch.setattr(torch, "_cslt_sparse_mm_search", lambda packed, b, transpose_result: 9)
+    assert sparse24._search(packed, b) == 9
+
+
 def test_plan_keeps_the_fastest_configuration_and_calls_it(emulated, monkeypatch):
-    emulated.found = sparse24.Algo(5)
-    fake = {sparse24.Algo(5): 3.0, sparse24.Algo(5, 2): 1.0, sparse24.Algo(5, 4): 2.0}  # split-k 2 fastest
+    # production's candidates: the one algorithm cuSPARSELt's search picks for a shape and (padded) token count
+    monkeypatch.setattr(sparse24.Kernels, "search", staticmethod(lambda packed, b: {8: 3, 32: 5}[b.shape[1]]))
+    sparse_s = {sparse24.Algo(3): 12.0, sparse24.Algo(5): 1.0}  # dense takes 10 s: sparse loses at 1 token, wins at 32
     current = {}
 
     def sparse_mm(self, x2, algo=sparse24.Algo()):
@@ -130,20 +141,21 @@ def test_plan_keeps_the_fastest_configuration_and_calls_it(emulated, monkeypatch
     def timer(fn, reps):
         current.clear()
         fn()
-        return fake.get(current.get("algo"), 10.0)  # dense: 10 s
+        return sparse_s.get(current.get("algo"), 10.0)
 
     monkeypatch.setattr(sparse24.SparseCore, "sparse_mm", sparse_mm)
     monkeypatch.setattr(sparse24, "timeit", timer)
-    monkeypatch.setattr(sparse24, "search_algos", lambda core, x: list(fake))
     model = pruned_24()
-    _, plan = sparse24.sparsify(model, buckets=(32,), reps=1)
-    for t in plan.timings:
-        assert [(c["alg"], c["split_k"], c["ms"]) for c in t["candidates"]] == [(5, 1, 3e3), (5, 2, 1e3), (5, 4, 2e3)]
-        assert (t["chosen"], t["split_k"], t["sparse_ms"], t["dense_ms"]) == ("sparse", 2, 1e3, 1e4)
+    _, plan = sparse24.sparsify(model, buckets=(1, 32), reps=1)
+    rows = {(t["tokens"], t["alg"], t["chosen"], t["sparse_ms"], t["dense_ms"]) for t in plan.timings}
+    assert rows == {(1, 3, "dense", 12e3, 1e4), (32, 5, "sparse", 1e3, 1e4)}
+    assert all(t["candidates"] == [{"alg": t["alg"], "ms": t["sparse_ms"]}] for t in plan.timings)
     emulated.algos = []
     with torch.no_grad():
-        model(input_ids=random_tokens(1, 20))
-    assert emulated.algos == [sparse24.Algo(5, 2)] * 8
+        model(input_ids=random_tokens(1, 1))  # 1 token: dense, the faster there
+        assert emulated.algos == []
+        model(input_ids=random_tokens(1, 20))  # bucket 32: the searched algorithm 5
+    assert emulated.algos == [sparse24.Algo(5)] * 8
 
 
 def test_capturing_uses_graph_choices_and_restores_the_mode(emulated):

@@ -223,7 +223,3 @@ def cpu_free_bytes() -> int | None:
     """MemAvailable from /proc/meminfo, or None where it cannot be read."""
     return _proc_kib("/proc/meminfo", "MemAvailable")
 
-
-def set_device(device: torch.device) -> None:
-    if device.type == "cuda" and device.index is not None:
-        torch.cuda.set_device(device)

@@ -30,28 +30,22 @@ GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))  # Linears t
 
 @dataclass(frozen=True)
 class Algo:
-    """A cuSPARSELt configuration: algorithm id, split-k factor and split-k mode (-1: the library's default)."""
+    """A cuSPARSELt configuration: the algorithm id (split-k stays at the library's default)."""
 
     alg: int = 0
-    split_k: int = 1
-    split_k_mode: int = -1
 
 
-def _search(packed: torch.Tensor, b: torch.Tensor) -> Algo:
-    """cuSPARSELt's own search: ``torch._C._cusparselt.mm_search`` (alg, split_k, split_k_mode) where torch has
-    it, else the older ``torch._cslt_sparse_mm_search`` (alg id only)."""
+def _search(packed: torch.Tensor, b: torch.Tensor) -> int:
+    """The algorithm id cuSPARSELt's own search picks: ``torch._C._cusparselt.mm_search`` where torch has it
+    (its split-k results are dropped, see ``search_algos``), else the older ``torch._cslt_sparse_mm_search``."""
     cslt = getattr(torch._C, "_cusparselt", None)
     if cslt is not None and hasattr(cslt, "mm_search"):
-        alg, split_k, mode, _ = cslt.mm_search(packed, b, None, None, None, True)
-        return Algo(int(alg), int(split_k), int(mode))
-    return Algo(int(torch._cslt_sparse_mm_search(packed, b, transpose_result=True)))
+        return int(cslt.mm_search(packed, b, None, None, None, True)[0])
+    return int(torch._cslt_sparse_mm_search(packed, b, transpose_result=True))
 
 
 def _mm(packed: torch.Tensor, b: torch.Tensor, bias, algo: Algo) -> torch.Tensor:
-    if algo.split_k == 1:
-        return torch._cslt_sparse_mm(packed, b, bias, transpose_result=True, alg_id=algo.alg)
-    return torch._cslt_sparse_mm(packed, b, bias, transpose_result=True, alg_id=algo.alg, split_k=algo.split_k,
-                                 split_k_mode=algo.split_k_mode)
+    return torch._cslt_sparse_mm(packed, b, bias, transpose_result=True, alg_id=algo.alg)
 
 
 class Kernels:
@@ -268,10 +262,10 @@ def search_algos(core: "SparseCore", x: torch.Tensor) -> list[Algo]:
     """
     xp = F.pad(x, (0, 0, 0, (-x.shape[0]) % PAD))
     try:
-        found = Kernels.search(core.packed, xp.t())
+        alg = Kernels.search(core.packed, xp.t())
     except RuntimeError:
         return [Algo()]
-    return [Algo(found.alg if isinstance(found, Algo) else int(found))]
+    return [Algo(int(alg))]
 
 
 def choose(dense_s: float, sparse_s: dict) -> tuple[Choice, float]:
@@ -304,10 +298,8 @@ def plan_cores(cores: list[SparseCore], plan: Plan, buckets=BUCKETS, reps: int =
                 choice, best = choose(dense_s, sparse_s)
                 plan.choices[(mode, key, t)] = choice
                 plan.timings.append({"mode": mode, "shape": list(key[:2]), "dtype": key[2], "tokens": t,
-                                     "alg": choice.algo.alg, "split_k": choice.algo.split_k,
-                                     "split_k_mode": choice.algo.split_k_mode, "dense_ms": dense_s * 1e3,
-                                     "sparse_ms": best * 1e3,
-                                     "candidates": [{**vars(a), "ms": v * 1e3} for a, v in sparse_s.items()],
+                                     "alg": choice.algo.alg, "dense_ms": dense_s * 1e3, "sparse_ms": best * 1e3,
+                                     "candidates": [{"alg": a.alg, "ms": v * 1e3} for a, v in sparse_s.items()],
                                      "chosen": "sparse" if choice.sparse else "dense"})
     return plan
 
