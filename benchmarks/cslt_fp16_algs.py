@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from llmprune.bench import mask_24
-from llmprune.sparse24 import graph_time, timeit
+from llmprune.inference.planning import graph_time, timeit
 
 
 def main() -> None:

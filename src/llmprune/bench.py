@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import sparse24
+from .inference import graphs, kernel, planning, swap
 from .errors import UsageError
 from .models import find_decoder
 from .patterns import NM, select
@@ -33,10 +33,10 @@ def _sync():
 
 def timeit(fn, reps: int = 10, warmup: int = 2) -> float:
     """Median over 3 rounds of the seconds per call of ``reps`` back-to-back calls."""
-    return sparse24.timeit(fn, reps, warmup)
+    return planning.timeit(fn, reps, warmup)
 
 
-graph_time = sparse24.graph_time
+graph_time = planning.graph_time
 
 
 def _attempt(fn):
@@ -59,7 +59,7 @@ def stock_swap(model: nn.Module) -> dict:
     saved = {}
     for block in find_decoder(model)[1]:
         for m in block.modules():
-            if type(m) is nn.Linear and sparse24.is_2to4(m.weight):
+            if type(m) is nn.Linear and kernel.is_2to4(m.weight):
                 saved[m] = m.weight
                 m.weight = nn.Parameter(to_sparse_semi_structured(m.weight.detach()), requires_grad=False)
     return saved
@@ -90,7 +90,7 @@ def bench_linears(shapes: dict, tokens, dtype, device, reps: int = 10) -> list[d
             continue
         done.add((out_f, in_f))
         w = mask_24(torch.randn(out_f, in_f, dtype=dtype, device=device))
-        core, err = _attempt(lambda: sparse24.SparseCore(w, None, sparse24.Plan()))
+        core, err = _attempt(lambda: kernel.SparseCore(w, None, kernel.Plan()))
         stock, stock_err = (None, "needs CUDA") if not cuda else _attempt(
             lambda: torch.sparse.to_sparse_semi_structured(w))
         for t in tokens:
@@ -98,7 +98,7 @@ def bench_linears(shapes: dict, tokens, dtype, device, reps: int = 10) -> list[d
             row = {"linear": name, "out": out_f, "in": in_f, "tokens": t}
             fns = {"dense": lambda: F.linear(x, w)}
             if core is not None and cuda:
-                algos = sparse24.search_algos(core, x)
+                algos = planning.search_algos(core, x)
                 row["alg"] = algos[0].alg
                 fns["llmprune"] = lambda: core.sparse_mm(x, algos[0])
                 y, e = _attempt(lambda: core.sparse_mm(x, algos[0]))
@@ -172,7 +172,7 @@ def prefill_fn(model, batch: int, seqlen: int, vocab: int, device):
 def decode_time(model, batch: int, prompt: int, steps: int, vocab: int, device) -> float:
     """Seconds per decode step (batch tokens each) after a ``prompt``-token prefill, HF dynamic cache, eager."""
     ids = torch.randint(0, vocab, (batch, prompt), device=device, generator=torch.Generator(device).manual_seed(2))
-    kw = sparse24.cache_kwarg(model)
+    kw = graphs.cache_kwarg(model)
 
     def run(n):
         out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
@@ -191,10 +191,10 @@ def decode_time(model, batch: int, prompt: int, steps: int, vocab: int, device) 
 
 @torch.no_grad()
 def graph_decode_time(model, batch: int, prompt: int, steps: int, vocab: int, device,
-                      plan: sparse24.Plan | None = None) -> float:
+                      plan: kernel.Plan | None = None) -> float:
     """Seconds per decode step, static cache, each step one CUDA-graph replay (median of 3 rounds of ``steps``)."""
     ids = torch.randint(0, vocab, (batch, prompt), device=device, generator=torch.Generator(device).manual_seed(2))
-    dec = sparse24.StaticDecoder(model, ids, max_len=prompt + 8 + 4 * steps, plan=plan)
+    dec = graphs.StaticDecoder(model, ids, max_len=prompt + 8 + 4 * steps, plan=plan)
     try:
         for _ in range(2):
             dec.step()
@@ -215,7 +215,7 @@ def graph_decode_time(model, batch: int, prompt: int, steps: int, vocab: int, de
 
 @torch.no_grad()
 def bench_model(model, prefills, decodes, device, reps: int = 3, prompt: int = 128, steps: int = 16,
-                plan: sparse24.Plan | None = None) -> list[dict]:
+                plan: kernel.Plan | None = None) -> list[dict]:
     vocab = model.config.get_text_config().vocab_size
     rows = []
     for b, s in prefills:
@@ -251,8 +251,8 @@ def decode_check(model, ids: torch.Tensor, plan, dense_tokens: torch.Tensor | No
     """Greedy tokens of the CUDA-graph decode against the same static-cache step run eagerly, and against the
     dense model's graph decode (``dense_tokens``)."""
     max_len = ids.shape[1] + steps + 8
-    graph = sparse24.StaticDecoder(model, ids, max_len, plan=plan, graph=True).generate(steps)
-    eager = sparse24.StaticDecoder(model, ids, max_len, plan=plan, graph=False).generate(steps + 2)
+    graph = graphs.StaticDecoder(model, ids, max_len, plan=plan, graph=True).generate(steps)
+    eager = graphs.StaticDecoder(model, ids, max_len, plan=plan, graph=False).generate(steps + 2)
     out = {"steps": graph.shape[1], "graph_equals_eager_static": bool(torch.equal(graph, eager)),
            "tokens_tensor": graph}
     if dense_tokens is not None:
@@ -291,7 +291,7 @@ def run(model_spec: str = "llama-2-7b", dtype=torch.bfloat16, device=None, layer
         undo = plan = None
         t0 = time.perf_counter()
         if variant == "llmprune":
-            swapped, err = _attempt(lambda: sparse24.sparsify(model, reps=max(3, reps // 2)))
+            swapped, err = _attempt(lambda: swap.sparsify(model, reps=max(3, reps // 2)))
             if err:
                 result["model_runs"][variant] = {"error": err}
                 continue
@@ -302,7 +302,7 @@ def run(model_spec: str = "llama-2-7b", dtype=torch.bfloat16, device=None, layer
             plan.force = None
             if err:
                 entry["check_all_sparse_error"] = err
-            undo = lambda: sparse24.restore(originals)  # noqa: E731
+            undo = lambda: swap.restore(originals)  # noqa: E731
         elif variant == "stock":
             saved, err = (None, "needs CUDA") if device.type != "cuda" else _attempt(lambda: stock_swap(model))
             if err:
