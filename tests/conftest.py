@@ -139,3 +139,11 @@ def pruned_24(arch: str = "llama"):
     model = tiny_model(arch)
     llmprune.prune(model, calib_tokens=random_tokens(4, 32), pattern="2:4", device=torch.device("cpu"), progress=False)
     return model
+
+
+def mask_24(weight: torch.Tensor) -> torch.Tensor:
+    """Magnitude 2:4 mask applied in place; returns the weight."""
+    from llmprune.patterns import NM, select
+
+    weight.mul_(select(weight.abs().float(), NM(2, 4)).to(weight.dtype))
+    return weight

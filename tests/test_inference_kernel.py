@@ -5,10 +5,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llmprune import UsageError, bench
+from llmprune import UsageError
 from llmprune.inference import kernel, swap
 
-from .conftest import pruned_24, random_tokens
+from .conftest import mask_24, pruned_24, random_tokens
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -79,7 +79,7 @@ def test_capturing_uses_graph_choices_and_restores_the_mode(emulated):
 @cuda
 @pytest.mark.parametrize("tokens", [1, 5, 64, 300])
 def test_gpu_core_matches_dense(tokens, dtype=torch.bfloat16):
-    w = bench.mask_24(torch.randn(256, 512, dtype=dtype, device="cuda"))
+    w = mask_24(torch.randn(256, 512, dtype=dtype, device="cuda"))
     b = torch.randn(256, dtype=dtype, device="cuda")
     core = kernel.SparseCore(w, b, kernel.Plan(force=True))
     x = torch.randn(2, tokens, 512, dtype=dtype, device="cuda")
@@ -91,6 +91,6 @@ def test_gpu_core_matches_dense(tokens, dtype=torch.bfloat16):
 @pytest.mark.gpu
 @cuda
 def test_gpu_refuses_float16():
-    w = bench.mask_24(torch.randn(64, 64, dtype=torch.float16, device="cuda"))
+    w = mask_24(torch.randn(64, 64, dtype=torch.float16, device="cuda"))
     with pytest.raises(UsageError, match="bfloat16 only"):
         kernel.SparseCore(w, None, kernel.Plan())

@@ -5,10 +5,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llmprune import bench
 from llmprune.inference import kernel, planning, swap
 
-from .conftest import pruned_24, random_tokens
+from .conftest import mask_24, pruned_24, random_tokens
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -67,7 +66,7 @@ def test_plan_keeps_the_fastest_configuration_and_calls_it(emulated, monkeypatch
 @cuda
 @pytest.mark.parametrize("tokens", [16, 2048])
 def test_gpu_searched_configurations_match_dense(tokens, dtype=torch.bfloat16):
-    w = bench.mask_24(torch.randn(4096, 4096, dtype=dtype, device="cuda"))
+    w = mask_24(torch.randn(4096, 4096, dtype=dtype, device="cuda"))
     core = kernel.SparseCore(w, None, kernel.Plan())
     x = torch.randn(tokens, 4096, dtype=dtype, device="cuda")
     ref = F.linear(x.float(), w.float())
