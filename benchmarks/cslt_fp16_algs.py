@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from llmprune.bench import mask_24
-from llmprune.sparse24 import graph_time, timeit
+from llmprune.inference.planning import graph_time, timeit
+from sparse24 import mask_24
 
 
 def main() -> None:

@@ -98,3 +98,52 @@ def tiny_folder(tmp_path, tokenizer):
 def random_tokens(n: int, seqlen: int, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(3, VOCAB, (n, seqlen), generator=g)
+
+
+# ---------------------------------------------------------------- 2:4 inference on CPU: cuSPARSELt emulated
+
+
+class EmulatedKernels:
+    """cuSPARSELt semantics on CPU: compress keeps the matrix, mm returns (A @ B)^T row-major."""
+
+    calls = 0
+    algos = []
+    found = 3  # the algorithm id the search picks
+    compress = staticmethod(lambda w: w.clone())
+    search = staticmethod(lambda packed, b: EmulatedKernels.found)
+
+    @staticmethod
+    def mm(packed, b, bias, algo):
+        EmulatedKernels.calls += 1
+        EmulatedKernels.algos.append(algo)
+        y = (packed.float() @ b.float()).t().contiguous().to(b.dtype)
+        return y if bias is None else y + bias
+
+
+@pytest.fixture
+def emulated(monkeypatch):
+    from llmprune.inference import kernel
+
+    for name in ("compress", "search", "mm"):
+        monkeypatch.setattr(kernel.Kernels, name, getattr(EmulatedKernels, name))
+    EmulatedKernels.calls = 0
+    EmulatedKernels.algos = []
+    EmulatedKernels.found = 3
+    return EmulatedKernels
+
+
+def pruned_24(arch: str = "llama"):
+    """A tiny model pruned to 2:4 with Wanda on random tokens."""
+    import llmprune
+
+    model = tiny_model(arch)
+    llmprune.prune(model, calib_tokens=random_tokens(4, 32), pattern="2:4", device=torch.device("cpu"), progress=False)
+    return model
+
+
+def mask_24(weight: torch.Tensor) -> torch.Tensor:
+    """Magnitude 2:4 mask applied in place; returns the weight."""
+    from llmprune.patterns import NM, select
+
+    weight.mul_(select(weight.abs().float(), NM(2, 4)).to(weight.dtype))
+    return weight

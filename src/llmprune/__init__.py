@@ -1,16 +1,15 @@
 """llmprune: one-shot pruning of large language models (Wanda, SparseGPT, magnitude, RIA; OWL layer-wise sparsity)."""
 
-__version__ = "0.1.0"
-
-from .compressed import load  # noqa: E402
-from .api import PruneResult, evaluate_perplexity, prune  # noqa: E402
-from .config import Calibration, EvalSettings  # noqa: E402
-from .methods import DSnoT, LeastSquares, Permute  # noqa: E402
-from .errors import UsageError  # noqa: E402
-from .layerwise import OWL  # noqa: E402
-from .loading import load_model  # noqa: E402
-from .patterns import NM, Unstructured, parse_pattern, select  # noqa: E402
-from .zeroshot import ZeroShotSettings, evaluate_zero_shot  # noqa: E402  (imports lm_eval only when called)
+from ._version import __version__  # noqa: F401  (llmprune.__version__)
+from .compressed import load
+from .api import PruneResult, evaluate_perplexity, prune
+from .config import Calibration, EvalSettings
+from .methods import DSnoT, LeastSquares, Permute
+from .errors import UsageError
+from .layerwise import OWL
+from .loading import load_model
+from .patterns import NM, Unstructured, parse_pattern, select
+from .zeroshot import ZeroShotSettings, evaluate_zero_shot  # imports lm_eval only when called
 
 __all__ = [
     "NM", "OWL", "Calibration", "DSnoT", "EvalSettings", "LeastSquares", "Permute", "PruneResult", "Unstructured", "UsageError", "ZeroShotSettings",

@@ -50,5 +50,3 @@ class ActivationStore:
         for i in range(len(self)):
             yield self[i]
 
-    def nbytes(self) -> int:
-        return sum(h.numel() * h.element_size() for h in self._items)

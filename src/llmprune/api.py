@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from . import data as data_mod
+from ._version import __version__
 from .checkpoint import Checkpoint, model_fingerprint, tokens_sha256
 from .config import Calibration, EvalSettings
 from .methods.dsnot import DSnoT
@@ -224,8 +225,6 @@ def _run_blocks(model, method, pattern, tokens, device, batch_size, progress, bl
 def run_settings(model, method, pattern: Pattern, tokens, device: torch.device, batch_size: int,
                  method_settings: dict | None = None) -> dict:
     """Everything that decides the pruned weights: a checkpoint resumes only a run with these same values."""
-    from . import __version__
-
     return {
         "model": model_fingerprint(model),
         "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),

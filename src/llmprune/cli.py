@@ -280,50 +280,6 @@ def compare(
         _fail(exc)
 
 
-@app.command("bench")
-def bench_cmd(
-    model: str = typer.Option("llama-2-7b", "--model", help="llama-2-7b (its shapes, random weights with 2:4 masks), a config .json, or a folder saved with --pattern 2:4."),
-    pattern: str = typer.Option("2:4", "--pattern", help="Only 2:4 has GPU kernels (cuSPARSELt)."),
-    dtype: str = typer.Option("bfloat16", "--dtype", help="bfloat16 (the 2:4 path's dtype) | float32 (CPU check of the dense rows); float16 is refused: cuSPARSELt's search fails in it."),
-    layers: Optional[int] = typer.Option(None, "--layers", help="Keep only the first K decoder layers."),
-    tokens: str = typer.Option("1,16,256,2048,8192,16384", "--tokens", help="Token counts of the per-Linear timings."),
-    prefills: str = typer.Option("1x2048,8x2048", "--prefills", help="Prefill shapes, batch x tokens ('' for none)."),
-    decodes: str = typer.Option("1,32,256", "--decodes", help="Decode batch sizes ('' for none): eager with a dynamic cache, and on CUDA as CUDA-graph steps over a static cache."),
-    linears: bool = typer.Option(True, "--linears/--no-linears", help="Time each Linear shape alone too."),
-    device: str = DeviceOpt,
-    out: Optional[Path] = typer.Option(None, "--out", help="Write the results (JSON) here."),
-) -> None:
-    """Dense vs llmprune's 2:4 path vs torch's stock semi-structured swap: Linears, prefill, decode."""
-    try:
-        from . import bench, devices
-        from .patterns import NM, parse_pattern
-
-        if parse_pattern(pattern) != NM(2, 4):
-            raise UsageError(f"--pattern {pattern}: only 2:4 has sparse GPU kernels; use --pattern 2:4")
-        if dtype not in ("bfloat16", "float32"):
-            raise UsageError(f"--dtype {dtype}: use bfloat16 (float16 fails cuSPARSELt's algorithm search on the H200) "
-                             "or float32")
-        try:
-            counts = [int(t) for t in tokens.split(",") if t.strip()]
-            shapes = [tuple(int(v) for v in p.split("x")) for p in prefills.split(",") if p.strip()]
-            batches = [int(b) for b in decodes.split(",") if b.strip()]
-        except ValueError:
-            raise UsageError("--tokens, --prefills and --decodes take integers such as 1,16 / 1x2048,8x2048 / 1,32") from None
-        if not counts or min(counts) < 1 or any(len(p) != 2 or min(p) < 1 for p in shapes) or any(b < 1 for b in batches):
-            raise UsageError("--tokens, --prefills and --decodes take positive integers such as 1,16 / 1x2048 / 1,32")
-        if out is not None and out.is_dir():
-            raise UsageError(f"--out {out} is a folder; give a file path such as bench.json")
-        dev = devices.resolve_device(device)
-        result = bench.run(model, devices.DTYPES[dtype], dev, layers, tokens=counts, prefills=shapes, decodes=batches,
-                           linears=linears)
-        result["command"] = " ".join(["llmprune", *sys.argv[1:]])
-        if out is not None:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(json.dumps(result, indent=1))
-    except UsageError as exc:
-        _fail(exc)
-
-
 def run(argv: list[str] | None = None) -> int:
     """Run the command line on ``argv``; returns the exit code.
 

@@ -26,8 +26,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .errors import UsageError
+from .integrity import REPORT_NAME, verify_output
 from .models import find_decoder, prunable_layers
-from .patterns import NM, Pattern
+from .patterns import NM, Pattern, parse_pattern
 
 WEIGHTS_NAME = "model.llmprune.safetensors"
 FORMAT = "llmprune-compressed-1"
@@ -247,8 +248,6 @@ def load(folder: str | os.PathLike, dtype: torch.dtype | None = None, check_patt
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from .integrity import verify_output
-
     folder = Path(folder).expanduser()
     if not (folder / "config.json").is_file():
         raise UsageError(f"{folder} holds no config.json; give a folder written by `llmprune prune --out`")
@@ -278,9 +277,6 @@ def load(folder: str | os.PathLike, dtype: torch.dtype | None = None, check_patt
 
 
 def _report_pattern(folder: Path):
-    from .export import REPORT_NAME
-    from .patterns import parse_pattern
-
     report = folder / REPORT_NAME
     if not report.is_file():
         return None

@@ -1,4 +1,4 @@
-"""The only module that touches torch.cuda: device and dtype resolution, peak memory."""
+"""The only module that touches torch.cuda: device and dtype resolution, peak memory, CUDA streams and graphs."""
 
 from __future__ import annotations
 
@@ -165,6 +165,31 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def synchronize_cuda() -> None:
+    """Wait for the current GPU's queued work (the ends of a timing); nothing to do without CUDA."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+@contextlib.contextmanager
+def side_stream():
+    """Run the body on a fresh CUDA stream, after the current stream's queued work and before its next:
+    where the warm-up calls before a CUDA-graph capture run."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        yield stream
+    torch.cuda.current_stream().wait_stream(stream)
+
+
+def capture_graph(fn) -> "torch.cuda.CUDAGraph":
+    """The kernels ``fn()`` launches, captured as a CUDA graph; ``graph.replay()`` launches them again."""
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph
+
+
 def _mallopt(*settings: tuple[int, int]) -> bool:
     """glibc's mallopt; False where the C library has none."""
     import ctypes
@@ -223,7 +248,3 @@ def cpu_free_bytes() -> int | None:
     """MemAvailable from /proc/meminfo, or None where it cannot be read."""
     return _proc_kib("/proc/meminfo", "MemAvailable")
 
-
-def set_device(device: torch.device) -> None:
-    if device.type == "cuda" and device.index is not None:
-        torch.cuda.set_device(device)

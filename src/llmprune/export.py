@@ -16,6 +16,7 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import compressed
 from .checkpoint import STATE_NAME
 from .errors import UsageError
 from .integrity import MANIFEST_NAME, REPORT_NAME, disk_error, fsync_path, write_json_atomic, write_manifest
@@ -122,8 +123,6 @@ def stage_pruned(model, tokenizer, out: str | os.PathLike, overwrite: bool = Fal
     try:
         storage = None
         if format == "compressed":
-            from . import compressed
-
             storage = compressed.save(model, tmp, pattern)
         else:
             model.save_pretrained(tmp)

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import torch
 
+from ._version import __version__
+
 
 def versions() -> dict[str, str]:
     import transformers
-
-    from . import __version__
 
     return {"llmprune": __version__, "torch": torch.__version__, "transformers": transformers.__version__}
 
