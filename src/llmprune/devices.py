@@ -18,6 +18,16 @@ from .errors import UsageError
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def cuda_available() -> bool:
+    return torch.cuda.is_available()
+
+
+def use_gpu(index: int) -> torch.device:
+    """Make GPU ``index`` this process's current CUDA device (one rank per GPU under torchrun)."""
+    torch.cuda.set_device(index)
+    return torch.device("cuda", index)
+
+
 def resolve_device(spec: str = "auto") -> torch.device:
     spec = (spec or "auto").strip().lower()
     if spec == "auto":

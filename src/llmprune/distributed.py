@@ -16,6 +16,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from . import devices
 from .errors import UsageError
 
 
@@ -42,15 +43,13 @@ def init(device_spec: str = "auto") -> tuple[World, str]:
     rank, size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local = int(os.environ.get("LOCAL_RANK", rank))
     spec = (device_spec or "auto").lower()
-    use_cuda = torch.cuda.is_available() and spec in ("auto", "cuda")
+    use_cuda = devices.cuda_available() and spec in ("auto", "cuda")
     if spec.startswith("cuda:"):
         raise UsageError(f"--device {spec}: under torchrun each rank takes cuda:LOCAL_RANK; pass --device cuda or auto")
-    if use_cuda:
-        torch.cuda.set_device(local)
+    gpu = devices.use_gpu(local) if use_cuda else None
     if not dist.is_initialized():
         # long timeout: rank 0 evaluates the dense model while the others wait at the first reduction
-        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timedelta(hours=4),
-                                device_id=torch.device("cuda", local) if use_cuda else None)
+        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timedelta(hours=4), device_id=gpu)
     return World(rank, size, local), (f"cuda:{local}" if use_cuda else "cpu")
 
 
