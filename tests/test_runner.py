@@ -5,18 +5,12 @@ import torch
 
 import llmprune
 from llmprune import NM, Unstructured, UsageError
-from llmprune.methods import Wanda
 from llmprune.models import find_decoder, prunable_layers, weight_matrix
 from llmprune.runner import _run_block, capture_block_inputs
 
-from .conftest import ARCHS, random_tokens, tiny_model
+from .conftest import ARCHS, linear_weights, random_tokens, tiny_model
 
 CPU = torch.device("cpu")
-
-
-def linear_weights(model):
-    _, blocks = find_decoder(model)
-    return {f"{i}.{n}": weight_matrix(m).clone() for i, b in enumerate(blocks) for n, m in prunable_layers(b).items()}
 
 
 @torch.no_grad()
@@ -145,19 +139,6 @@ def test_statistics_count_every_calibration_token(monkeypatch):
     assert len(seen) == 4 * 3
 
 
-def test_shared_inputs_grouped():
-    from llmprune.capture import collect_statistics
-
-    model = tiny_model("llama", layers=1)
-    _, blocks = find_decoder(model)
-    hidden, calls = capture_block_inputs(model, random_tokens(2, 16), 2, CPU)
-    with collect_statistics(prunable_layers(blocks[0]), Wanda.needs) as col:
-        _run_block(blocks[0], hidden, {s: c[0] for s, c in calls.items()}, collector=col)
-    groups = sorted(sorted(g) for g in col.groups().values())
-    assert groups == [["mlp.down_proj"], ["mlp.gate_proj", "mlp.up_proj"], ["self_attn.k_proj", "self_attn.q_proj",
-                      "self_attn.v_proj"], ["self_attn.o_proj"]]
-
-
 def test_magnitude_runs_no_forward(monkeypatch):
     model = tiny_model("llama")
     _, blocks = find_decoder(model)
@@ -169,16 +150,6 @@ def test_magnitude_runs_no_forward(monkeypatch):
     res = llmprune.prune(model, method="magnitude", pattern=Unstructured(0.5), device=CPU, progress=False)
     assert res.calibration is None
     assert abs(res.sparsity_overall - 0.5) < 1e-9
-
-
-def test_unsupported_architecture():
-    class NotAnLM(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.body = torch.nn.Linear(4, 4)
-
-    with pytest.raises(UsageError, match="unsupported architecture NotAnLM"):
-        llmprune.prune(NotAnLM(), method="magnitude", device=CPU, progress=False)
 
 
 def test_nm_must_divide_every_layer():

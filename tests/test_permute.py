@@ -1,0 +1,86 @@
+"""N:M input-channel permutation (permute.py): against an exhaustive search, by hand, the model's function
+unchanged, and RIA with --permute through the runner."""
+
+import itertools
+
+import pytest
+import torch
+
+import llmprune
+from llmprune import NM, Unstructured, UsageError
+from llmprune.methods import get_method
+from llmprune.models import find_decoder, prunable_layers, weight_matrix
+from llmprune.patterns import select
+from llmprune.permute import nm_permutation, permuted_nm_select, retained
+
+from .conftest import random_tokens, tiny_model
+
+CPU = torch.device("cpu")
+
+
+def best_nm_retained(scores, pattern):
+    cols = scores.shape[1]
+    best = 0.0
+    for first in itertools.combinations(range(1, cols), pattern.m - 1):  # 8 columns, 2 groups
+        g1 = [0, *first]
+        perm = torch.tensor(g1 + [c for c in range(cols) if c not in g1])
+        best = max(best, retained(scores, pattern, perm))
+    return best
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_permutation_valid_never_worse_and_nm_in_permuted_order(seed):
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.rand(6, 8, generator=g) * torch.rand(8, generator=g) ** 2
+    pattern = NM(2, 4)
+    perm = nm_permutation(scores, pattern)
+    assert sorted(perm.tolist()) == list(range(8))
+    got = retained(scores, pattern, perm)
+    assert retained(scores, pattern) <= got <= best_nm_retained(scores, pattern) + 1e-5
+    keep = permuted_nm_select(scores, pattern)
+    assert (keep[:, perm].reshape(6, 2, 4).sum(-1) == 2).all()
+    assert float((scores * keep).sum()) == pytest.approx(got)
+
+
+def test_permutation_finds_the_better_grouping():
+    # the two large columns sit in the same group: 1:2 can keep only one of them unless they are separated
+    scores = torch.tensor([[9.0, 8.0, 1.0, 1.0]])
+    perm = nm_permutation(scores, NM(1, 2))
+    assert retained(scores, NM(1, 2)) == 10.0 and retained(scores, NM(1, 2), perm) == 17.0
+
+
+@torch.no_grad()
+def test_permutation_leaves_the_model_function_unchanged():
+    """Physically permuting the MLP's hidden channels (gate/up rows, down columns) changes nothing; and the
+    mask chosen on permuted channels and mapped back computes what the physically permuted N:M model does."""
+    model = tiny_model("llama", layers=1)
+    mlp = find_decoder(model)[1][0].mlp
+    x = torch.randn(3, 5, 32)
+    ref = mlp(x)
+    scores = torch.rand(32, 64)
+    perm = nm_permutation(scores, NM(2, 4))
+    assert not torch.equal(perm, torch.arange(64))
+    permuted = type(mlp)(model.config)
+    permuted.gate_proj.weight.copy_(mlp.gate_proj.weight[perm])
+    permuted.up_proj.weight.copy_(mlp.up_proj.weight[perm])
+    permuted.down_proj.weight.copy_(mlp.down_proj.weight[:, perm])
+    assert torch.allclose(permuted(x), ref, atol=1e-6)
+    keep = permuted_nm_select(scores, NM(2, 4))
+    mlp.down_proj.weight.mul_(keep)
+    hw_mask = select(scores[:, perm], NM(2, 4))  # N:M in the permuted (stored) order
+    permuted.down_proj.weight.mul_(hw_mask)
+    assert torch.allclose(permuted(x), mlp(x), atol=1e-6)
+
+
+def test_ria_permute_prunes_every_layer_to_exact_nm_count():
+    model = tiny_model("llama", layers=2)
+    llmprune.prune(model, calib_tokens=random_tokens(4, 32), method="ria", pattern=NM(2, 4), permute=True,
+                   device=CPU, progress=False)
+    for block in find_decoder(model)[1]:
+        for layer in prunable_layers(block).values():
+            w = weight_matrix(layer)
+            assert ((w != 0).sum(1) <= w.shape[1] // 2).all()
+    with pytest.raises(UsageError, match="--permute"):
+        get_method("sparsegpt", permute=True)
+    with pytest.raises(UsageError, match="--permute only"):
+        llmprune.prune(model, method="magnitude", pattern=Unstructured(0.5), permute=True, device=CPU, progress=False)
