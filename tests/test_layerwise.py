@@ -1,5 +1,5 @@
-"""Per-block sparsity (layerwise.py): OWL's band and weighted mean by hand, outlier ratios by hand, parsing of
---layerwise, and OWL and a per-block list through the runner."""
+"""Per-block sparsity (layerwise.py): OWL's band and weighted mean by hand, outlier ratios against a second
+path, block sizes by hand, parsing of --layerwise, and a per-block list through the runner."""
 
 import json
 
@@ -8,7 +8,7 @@ import torch
 
 import llmprune
 from llmprune import NM, Unstructured, UsageError
-from llmprune.layerwise import OWL, owl_sparsities, outlier_ratio, parse_layerwise
+from llmprune.layerwise import OWL, block_outlier_ratios, block_sizes, owl_sparsities, outlier_ratio, parse_layerwise
 from llmprune.models import find_decoder, prunable_layers, weight_matrix
 
 from .conftest import random_tokens, tiny_model
@@ -41,6 +41,42 @@ def test_owl_weighted_mean_is_target_and_in_band(seed):
 def test_outlier_ratio_by_hand():
     # mean 10.9, M=5 -> threshold 54.5: only the 100 is an outlier
     assert outlier_ratio(torch.tensor([1.0] * 9 + [100.0]), 5) == pytest.approx(0.1)
+
+
+def test_block_sizes_by_hand():
+    # tiny Llama: hidden 32, 4 heads of 8, 2 key/value heads (16 wide), MLP 64
+    # q 32x32 + k 16x32 + v 16x32 + o 32x32 + gate 64x32 + up 64x32 + down 32x64 = 9216 per block
+    assert block_sizes(tiny_model("llama", layers=3)) == [9216, 9216, 9216]
+
+
+@torch.no_grad()
+def test_block_outlier_ratios_match_hooks_on_the_models_own_dense_forward():
+    """Second path: nothing is pruned, so one whole-model forward with a hook on every Linear sees the inputs
+    each block's scores |W| * sqrt(mean x^2) are made of."""
+    model = tiny_model("llama", layers=3)
+    tokens = random_tokens(4, 32)
+    _, blocks = find_decoder(model)
+    sums, counts, handles = {}, {}, []
+    for b, block in enumerate(blocks):
+        for name, layer in prunable_layers(block).items():
+            def hook(module, args, key=(b, name)):
+                x = args[0].reshape(-1, args[0].shape[-1]).double()
+                sums[key] = sums.get(key, 0) + (x * x).sum(0)
+                counts[key] = counts.get(key, 0) + x.shape[0]
+
+            handles.append(layer.register_forward_pre_hook(hook))
+    model(input_ids=tokens, use_cache=False)
+    for h in handles:
+        h.remove()
+    expected = []
+    for b, block in enumerate(blocks):
+        scores = [(weight_matrix(layer).abs().float() * (sums[b, name] / counts[b, name]).float().sqrt()).flatten()
+                  for name, layer in prunable_layers(block).items()]
+        expected.append(outlier_ratio(torch.cat(scores), 2.0))
+    assert all(r > 0 for r in expected)  # m=2 leaves outliers in every block of the tiny model
+    got = block_outlier_ratios(model, tokens, CPU, batch_size=2, m=2.0, progress=False)
+    # equal up to one score of a block's 9216 crossing the threshold by rounding (batches of 2 against 4)
+    assert got == pytest.approx(expected, abs=1.5 / 9216)
 
 
 def test_parse_layerwise(tmp_path):

@@ -47,6 +47,8 @@ def test_permutation_finds_the_better_grouping():
     scores = torch.tensor([[9.0, 8.0, 1.0, 1.0]])
     perm = nm_permutation(scores, NM(1, 2))
     assert retained(scores, NM(1, 2)) == 10.0 and retained(scores, NM(1, 2), perm) == 17.0
+    # mapped back to the stored order the mask keeps both large columns: 1:2 only in the permuted order
+    assert permuted_nm_select(scores, NM(1, 2)).tolist() == [[True, True, False, False]]
 
 
 @torch.no_grad()
