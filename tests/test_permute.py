@@ -1,5 +1,5 @@
 """N:M input-channel permutation (permute.py): against an exhaustive search, by hand, the model's function
-unchanged, and RIA with --permute through the runner."""
+unchanged, and every layer of a pruned model exactly N:M in the order the permutation chose."""
 
 import itertools
 
@@ -7,13 +7,13 @@ import pytest
 import torch
 
 import llmprune
-from llmprune import NM, Unstructured, UsageError
+from llmprune import NM, Unstructured, UsageError, permute
 from llmprune.methods import get_method
-from llmprune.models import find_decoder, prunable_layers, weight_matrix
+from llmprune.models import find_decoder
 from llmprune.patterns import select
 from llmprune.permute import nm_permutation, permuted_nm_select, retained
 
-from .conftest import random_tokens, tiny_model
+from .conftest import linear_weights, random_tokens, tiny_model
 
 CPU = torch.device("cpu")
 
@@ -74,15 +74,36 @@ def test_permutation_leaves_the_model_function_unchanged():
     assert torch.allclose(permuted(x), mlp(x), atol=1e-6)
 
 
-def test_ria_permute_prunes_every_layer_to_exact_nm_count():
+def test_ria_permute_prunes_every_layer_to_exact_nm_count(monkeypatch):
+    """--permute keeps the weights where they are and maps the mask back, so a layer is N:M in the column
+    order ``nm_permutation`` chose for it (position p holds stored column perm[p]), not in the stored order.
+    The order of each layer is recorded as it is chosen and the exact count is checked in that order."""
+    perms = []
+    choose = permute.nm_permutation
+
+    def recording(scores, pattern, *args, **kwargs):
+        perm = choose(scores, pattern, *args, **kwargs)
+        perms.append(perm)
+        return perm
+
+    monkeypatch.setattr(permute, "nm_permutation", recording)
     model = tiny_model("llama", layers=2)
     llmprune.prune(model, calib_tokens=random_tokens(4, 32), method="ria", pattern=NM(2, 4), permute=True,
                    device=CPU, progress=False)
-    for block in find_decoder(model)[1]:
-        for layer in prunable_layers(block).values():
-            w = weight_matrix(layer)
-            assert ((w != 0).sum(1) <= w.shape[1] // 2).all()
+    weights = linear_weights(model)
+    assert len(perms) == len(weights) == 2 * 7  # one order per pruned Linear, in pruning order
+    nm_as_stored = 0
+    for (name, w), perm in zip(weights.items(), perms):
+        rows, cols = w.shape
+        assert sorted(perm.tolist()) == list(range(cols)), name
+        assert ((w[:, perm] == 0).reshape(rows, cols // 4, 4).sum(-1) == 2).all(), name  # exactly 2 of every 4
+        nm_as_stored += bool(((w == 0).reshape(rows, cols // 4, 4).sum(-1) == 2).all())
+    assert nm_as_stored < len(weights)  # the order matters: some layers are not 2:4 as stored
+
+
+def test_permute_is_refused_where_it_cannot_apply():
     with pytest.raises(UsageError, match="--permute"):
         get_method("sparsegpt", permute=True)
     with pytest.raises(UsageError, match="--permute only"):
-        llmprune.prune(model, method="magnitude", pattern=Unstructured(0.5), permute=True, device=CPU, progress=False)
+        llmprune.prune(tiny_model("llama", layers=2), method="magnitude", pattern=Unstructured(0.5), permute=True,
+                       device=CPU, progress=False)
