@@ -44,6 +44,19 @@ def test_ties_are_broken_by_position_the_same_way_for_nm_and_unstructured():
     assert select(scores, NM(2, 4)).tolist() == [[False, False, True, True, True, False, False, True]]
     assert select(scores, NM(1, 4)).tolist() == [[False, False, False, True, True, False, False, False]]
     assert select(scores[:, :4], Unstructured(0.5)).tolist() == [[False, False, True, True]]
+    # a tie at the cut among other scores: one of the two 1s goes, the earlier (position 1, not 2)
+    mixed = torch.tensor([[3.0, 1.0, 1.0, 2.0]])
+    assert select(mixed, NM(3, 4)).tolist() == [[True, False, True, True]]
+    assert select(mixed, Unstructured(0.25), "row").tolist() == [[True, False, True, True]]
+    # matrix scope: earlier is in row-major order, so the 1 at (0, 1) goes and the 1 at (1, 0) stays
+    square = torch.tensor([[2.0, 1.0], [1.0, 3.0]])
+    assert select(square, Unstructured(0.25), "matrix").tolist() == [[True, False], [True, True]]
+    # groups and rows of 32: torch's CPU sort without stable=True returns equal values of a row this long out of
+    # order (rows of up to 16 come out in order either way), so these cases tell a stable sort from an unstable one
+    wide = torch.ones(2, 32)
+    assert select(wide, NM(1, 32)).tolist() == [[False] * 31 + [True]] * 2
+    assert select(wide, Unstructured(0.5), "row").tolist() == [[False] * 16 + [True] * 16] * 2
+    assert select(wide, Unstructured(0.5), "matrix").tolist() == [[False] * 32, [True] * 32]
 
 
 def test_parse_pattern():
