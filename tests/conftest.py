@@ -100,6 +100,23 @@ def random_tokens(n: int, seqlen: int, seed: int = 0) -> torch.Tensor:
     return torch.randint(3, VOCAB, (n, seqlen), generator=g)
 
 
+def norms_of(values):
+    """InputNorms whose sqrt(mean x^2) equals ``values`` (one token per unit)."""
+    from llmprune.stats import InputNorms
+
+    acc = InputNorms(len(values), torch.device("cpu"))
+    acc.add(torch.tensor([values], dtype=torch.float32))
+    return acc
+
+
+def linear_weights(model):
+    """Every prunable weight of the decoder blocks as [out, in] (cloned), named "<block>.<layer>", in pruning order."""
+    from llmprune.models import find_decoder, prunable_layers, weight_matrix
+
+    _, blocks = find_decoder(model)
+    return {f"{i}.{n}": weight_matrix(m).clone() for i, b in enumerate(blocks) for n, m in prunable_layers(b).items()}
+
+
 # ---------------------------------------------------------------- 2:4 inference on CPU: cuSPARSELt emulated
 
 

@@ -264,10 +264,6 @@ def test_api_bad_input(case, tmp_path, tokenizer, monkeypatch):
         assert list(tmp.iterdir()) == []
 
 
-def test_matrix_is_large_enough():
-    assert len(CLI_CASES) + len(API_IDS) >= 25
-
-
 @pytest.mark.parametrize("name,content,expected", [
     ("notext.jsonl", json.dumps({"content": "x"}) + "\n", "line 1 has no string 'text' field"),
     ("latin1.jsonl", "{\"text\": \"caf\xe9\"}\n".encode("latin-1"), "not UTF-8 text"),

@@ -9,8 +9,7 @@ import torch.multiprocessing as mp
 import llmprune
 from llmprune import NM, Unstructured, UsageError, distributed
 
-from .conftest import random_tokens, tiny_model
-from .test_runner import linear_weights
+from .conftest import linear_weights, random_tokens, tiny_model
 
 CPU = torch.device("cpu")
 CASES = [("wanda", Unstructured(0.5), {}), ("sparsegpt", NM(2, 4), {}),

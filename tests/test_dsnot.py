@@ -146,19 +146,6 @@ def test_vectorised_rows_match_the_row_loop(pattern, cycles, threshold):
     assert not torch.equal(out, keep)
 
 
-def test_means_and_variance_statistics():
-    g = torch.Generator().manual_seed(3)
-    x = torch.randn(5, 40, 6, generator=g) * 3 + 2
-    norms, means = InputNorms(6, CPU), InputMeans(6, CPU)
-    for batch in x.split(2):  # batches of different sizes
-        norms.add(batch)
-        means.add(batch)
-    flat = x.reshape(-1, 6).double()
-    assert torch.allclose(means.mean.double(), flat.mean(0), rtol=1e-6)
-    assert torch.allclose(feature_variance(norms, means).double(), flat.var(0, unbiased=False), rtol=1e-5)
-    assert means.tokens == 200 and means.tensors() == [means.total]
-
-
 # ---------------------------------------------------------------- method object, API, CLI
 def test_method_wrapping_and_refusals():
     m = get_method("wanda", refine="dsnot", update="lsq")

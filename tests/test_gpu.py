@@ -7,8 +7,7 @@ import llmprune
 from llmprune import NM, Unstructured
 from llmprune.methods import SparseGPT
 
-from .conftest import random_tokens, tiny_model
-from .test_runner import linear_weights
+from .conftest import linear_weights, random_tokens, tiny_model
 from .test_sparsegpt import _reference, problem
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]

@@ -54,6 +54,8 @@ WANDA_BAND = 2 * 0.0142
 # 2:4 (1849.7) and any blow-up, but not Wanda 2:4 (282.9): on 1024 calibration tokens the update buys no
 # perplexity here, so the update itself is pinned per layer (test_sparsegpt_real_layers).
 SPARSEGPT_BAND = 2 * 0.1405
+# `make test` (and .ci/run, which calls it) runs plain `pytest -q`, so these run in CI; `-m "not slow"` skips them
+pytestmark = pytest.mark.slow
 CPU = torch.device("cpu")
 SETTINGS = EvalSettings(("wikitext2",), seqlen=128, max_windows=8)
 

@@ -23,7 +23,7 @@ from llmprune.integrity import MANIFEST_NAME, state_sha256
 from llmprune.models import find_decoder
 
 from .conftest import random_tokens, tiny_model
-from .test_runner import linear_weights
+from .conftest import linear_weights
 
 CPU = torch.device("cpu")
 TOKENS = random_tokens(5, 24)  # batch size 2: batches of 2, 2, 1 (two call signatures)
