@@ -69,7 +69,7 @@ CLI_CASES = {
     "pattern 0:4": (["--pattern", "0:4"], "needs integers 0 < N <= M, got 0:4"),
     "pattern a:b": (["--pattern", "a:b"], "got 'a:b'"),
     "pattern M not dividing": (["--pattern", "2:3", "--method", "magnitude"], "M=3 does not divide the input width 32"),
-    "unknown method": (["--method", "obs"], "--method must be one of wanda, wanda-variant, ria, sparsegpt, magnitude, got 'obs'"),
+    "unknown method": (["--method", "obs"], "--method must be one of wanda, wanda-variant, ria, sparsegpt, magnitude, alps, got 'obs'"),
     "refine unknown": (["--refine", "dsnt"], "--refine must be one of none, dsnot, got 'dsnt'"),
     "refine with sparsegpt": (["--method", "sparsegpt", "--refine", "dsnot"], "--refine dsnot refines the mask of a score method (wanda, wanda-variant, ria, magnitude); sparsegpt changes the weights as it masks: drop --refine"),
     "dsnot cycles 0": (["--refine", "dsnot", "--dsnot-cycles", "0"], "--dsnot-cycles must be a positive integer, got 0; e.g. --dsnot-cycles 50"),

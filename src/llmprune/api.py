@@ -159,11 +159,16 @@ def _result(method, pattern, layers, seconds: float, calib_info, settings, deter
                        save_s, written, checkpoint.tensor_sha256() if checkpoint else {})
 
 
+def work_bytes(method) -> tuple[int, int]:
+    """The method's working memory per weight entry and per [cols, cols] entry (``memory.WORK_BYTES``)."""
+    return getattr(method, "work_bytes", memory.WORK_BYTES)
+
+
 def _memory_plan(model, method, tokens, device, batch_size: int, activations: str, progress: bool):
     """What the run will hold where (refused here when it cannot fit), printed when ``progress``."""
     n, length = (tokens.shape[0], tokens.shape[1]) if tokens is not None else (0, 0)
     estimate = memory.plan(memory.ModelSizes.of(model, device), n, length, batch_size, method.needs, device,
-                           activations, free_bytes(device), cpu_free_bytes())
+                           activations, free_bytes(device), cpu_free_bytes(), work_bytes(method))
     if progress:
         print(estimate.describe(device), file=sys.stderr, flush=True)
     return estimate

@@ -79,8 +79,13 @@ class Estimate:
         return f"memory estimate: {peak}CPU +{self.cpu_bytes / GiB:.2f} GiB; activations in {where} ({self.breakdown()})"
 
 
+WORK_BYTES = (8, 12)
+"""A weight-updating method's working memory while it prunes its largest Linear [rows, cols]: bytes per weight entry
+and per entry of a [cols, cols] matrix (SparseGPT's; a method may declare its own ``work_bytes``)."""
+
+
 def estimate(sizes: ModelSizes, nsamples: int, seqlen: int, batch_size: int, needs: tuple[str, ...],
-             device: torch.device, offload: bool) -> Estimate:
+             device: torch.device, offload: bool, method_work: tuple[int, int] = WORK_BYTES) -> Estimate:
     """Peak bytes of one process that prunes ``nsamples`` windows of ``seqlen`` tokens in batches."""
     gpu = device.type != "cpu"
     offload = offload and gpu
@@ -96,7 +101,7 @@ def estimate(sizes: ModelSizes, nsamples: int, seqlen: int, batch_size: int, nee
     if "hessian" in needs:
         stats = sum(8 * d * d for d in sizes.hessian_sizes) + 4 * max(sizes.hessian_sizes) ** 2
         rows, cols = sizes.largest_weight
-        prune_work = 8 * rows * cols + 12 * cols * cols + 12 * (1 << 25)
+        prune_work = method_work[0] * rows * cols + method_work[1] * cols * cols + 12 * (1 << 25)
     resident = sizes.on_device_bytes
     block = 0 if resident or not gpu else sizes.block_bytes  # on a CPU device the model is already in memory
     stem = 0 if resident or not gpu else sizes.stem_bytes
@@ -121,21 +126,23 @@ def check_placement(value: str, flag: str) -> str:
 
 
 def plan(sizes: ModelSizes, nsamples: int, seqlen: int, batch_size: int, needs: tuple[str, ...],
-         device: torch.device, activations: str, device_free: int | None, cpu_free: int | None) -> Estimate:
+         device: torch.device, activations: str, device_free: int | None, cpu_free: int | None,
+         work: tuple[int, int] = WORK_BYTES) -> Estimate:
     """Choose where activations live (``auto``: on the device when they fit) or refuse with the flags that fit."""
     check_placement(activations, "--activations")
     options = [False, True] if activations == "auto" else [activations == "cpu"]
     if device.type == "cpu":
         options = [False]
     for offload in options:
-        est = estimate(sizes, nsamples, seqlen, batch_size, needs, device, offload)
+        est = estimate(sizes, nsamples, seqlen, batch_size, needs, device, offload, work)
         if _fits(est, device_free, cpu_free):
             return est
-    raise UsageError(_refusal(est, sizes, nsamples, seqlen, batch_size, needs, device, device_free, cpu_free))
+    raise UsageError(_refusal(est, sizes, nsamples, seqlen, batch_size, needs, device, device_free, cpu_free, work))
 
 
 def whole_model_fits(model: nn.Module, nsamples: int, seqlen: int, batch_size: int, needs: tuple[str, ...],
-                     device: torch.device, activations: str, device_free: int | None, cpu_free: int | None) -> bool:
+                     device: torch.device, activations: str, device_free: int | None, cpu_free: int | None,
+                     work: tuple[int, int] = WORK_BYTES) -> bool:
     """Whether the run fits with every weight moved to ``device`` first (no block then travels to and fro)."""
     if device.type == "cpu":
         return False
@@ -145,7 +152,7 @@ def whole_model_fits(model: nn.Module, nsamples: int, seqlen: int, batch_size: i
     try:
         # activations that would not fit beside the model are better on the GPU with the model in CPU memory
         est = plan(sizes, nsamples, seqlen, batch_size, needs, device, "gpu" if activations == "auto" else activations,
-                   free, cpu_free)
+                   free, cpu_free, work)
     except UsageError:
         return False
     return free is None or est.device_bytes <= free
@@ -157,7 +164,7 @@ def _fits(est: Estimate, device_free: int | None, cpu_free: int | None) -> bool:
     return (device_free is None or new <= device_free) and (cpu_free is None or est.cpu_bytes <= cpu_free)
 
 
-def _refusal(est, sizes, nsamples, seqlen, batch_size, needs, device, device_free, cpu_free) -> str:
+def _refusal(est, sizes, nsamples, seqlen, batch_size, needs, device, device_free, cpu_free, work) -> str:
     if device_free is not None and est.device_bytes > device_free:
         new = est.device_bytes - est.parts.get("model", 0)
         head = f"the run needs about {new / GiB:.1f} GiB more on {device} but {device_free / GiB:.1f} GiB are free"
@@ -168,7 +175,7 @@ def _refusal(est, sizes, nsamples, seqlen, batch_size, needs, device, device_fre
         flag = ["--activations cpu"] if offload else ["--activations gpu"] if device.type != "cpu" else []
         for batch in sorted({batch_size, *[b for b in (8, 4, 2, 1) if b < batch_size]}, reverse=True):
             for n in (nsamples, nsamples // 2, nsamples // 4):
-                if n >= 1 and _fits(estimate(sizes, n, seqlen, batch, needs, device, offload), device_free, cpu_free):
+                if n >= 1 and _fits(estimate(sizes, n, seqlen, batch, needs, device, offload, work), device_free, cpu_free):
                     extra = ([f"--batch-size {batch}"] if batch != batch_size else []) + (
                         [f"--nsamples {n}"] if n != nsamples else [])
                     fixes.append(" ".join(flag + extra))

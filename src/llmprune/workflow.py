@@ -81,13 +81,14 @@ def calibration(job: PruneJob, lm, tok, ddir):
     return None, None
 
 
-def place_weights(lm, weights: str, dev, tokens, batch_size: int, needs, activations: str) -> str:
+def place_weights(lm, weights: str, dev, tokens, batch_size: int, needs, activations: str,
+                  work: tuple[int, int] = memory.WORK_BYTES) -> str:
     """Move the whole model to the GPU when asked, or (auto) when it fits beside the run; where the weights are."""
     if dev.type != "cuda" or weights == "cpu":
         return "cpu"
     n, length = (tokens.shape[0], tokens.shape[1]) if tokens is not None else (0, 0)
     fits = memory.whole_model_fits(lm, n, length, batch_size, needs, dev, activations, devices.free_bytes(dev),
-                                   devices.cpu_free_bytes())
+                                   devices.cpu_free_bytes(), work)
     if not fits and weights == "gpu":
         size = sum(t.numel() * t.element_size() for t in [*lm.parameters(), *lm.buffers()]) / memory.GiB
         raise UsageError(f"--weights gpu: the model ({size:.1f} GiB) and the run do not fit on {dev} together; "
@@ -145,7 +146,8 @@ def run_prune(job: PruneJob, world) -> Outcome | None:
     if evaluate.active:
         lm.to("cpu")
     where = "streamed" if placement is not None else place_weights(
-        lm, job.run.weights, job.run.device, tokens, job.run.batch_size, job.method.needs, job.run.activations)
+        lm, job.run.weights, job.run.device, tokens, job.run.batch_size, job.method.needs, job.run.activations,
+        api.work_bytes(job.method))
     work = checkpoint.work_dir_for(job.save.out) if job.save.out is not None else None
     result = api.prune(lm, tok, method=job.method, pattern=job.pattern, calibration=drawn_from, calib_tokens=tokens,
                        device=job.run.device, batch_size=job.run.batch_size, data_dir=ddir,

@@ -11,6 +11,7 @@ import dataclasses
 
 from ..errors import UsageError
 from ..permute import Permute
+from .alps import ALPS
 from .dsnot import DSnoT, WithDSnoT, refine_mask
 from .magnitude import Magnitude
 from .ria import RIA
@@ -24,6 +25,7 @@ METHODS = {
     "ria": RIA,
     "sparsegpt": SparseGPT,
     "magnitude": Magnitude,
+    "alps": ALPS,
 }
 MODIFIERS = {"permute": Permute, "dsnot": DSnoT, "lsq": LeastSquares}
 """Modifier name -> its options class (``kind``: permute | refine | update, the flag that names it)."""
@@ -97,6 +99,6 @@ def score_method_names() -> list[str]:
     return [name for name, make in METHODS.items() if hasattr(make(), "score")]
 
 
-__all__ = ["DSnoT", "LeastSquares", "METHODS", "MODIFIERS", "Magnitude", "Permute", "RIA", "SparseGPT", "Wanda",
+__all__ = ["ALPS", "DSnoT", "LeastSquares", "METHODS", "MODIFIERS", "Magnitude", "Permute", "RIA", "SparseGPT", "Wanda",
            "WithDSnoT", "WithUpdate", "as_refine", "as_update", "get_method", "lsq_update", "modifier_names", "permutable_names",
            "refine_mask", "register", "score_method_names", "wrapped"]
