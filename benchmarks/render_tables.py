@@ -382,6 +382,24 @@ def cli_e2e_model_table(path: Path) -> str:
     return head + "\n".join(lines)
 
 
+def alps_table(path: Path) -> str:
+    """benchmarks/alps.py: perplexity (prune time) per method and cell, same tokens for every row."""
+    r = json.loads(path.read_text())
+    cal, ev = r["protocol"]["calibration"], r["protocol"]["eval"]
+    cells = ["50%", "60%", "70%", "2:4"]
+    dense = next(x["perplexity"] for x in r["rows"] if x["label"] == "dense")
+    head = (f"{r['model']['spec']} on {r['device']} ({r['machine']['threads']} threads), {r['dtype']}; calibration "
+            f"{cal['nsamples']} x {cal['seqlen']} C4 tokens, seed {cal['seed']}; WikiText-2 test, {ev['seqlen']}-token "
+            f"windows, first {ev['windows']}; dense {dense:.2f}. Cells: perplexity (prune time in s); - = not run.\n\n")
+    labels = list(dict.fromkeys(x["label"] for x in r["rows"] if x["label"] != "dense"))
+    lines = ["| method | " + " | ".join(cells) + " |", "|---|" + "---:|" * len(cells)]
+    for label in labels:
+        got = {x["cell"]: x for x in r["rows"] if x["label"] == label}
+        lines.append(f"| {label} | " + " | ".join(
+            f"{got[c]['perplexity']:.1f} ({got[c]['prune_s']:.0f})" if c in got else "-" for c in cells) + " |")
+    return head + "\n".join(lines)
+
+
 if __name__ == "__main__":
     for name, fn in [("paper_table_smollm2.json", paper_table), ("prune_time_smollm2.json", prune_time_table),
                      ("gpu_check_h200.json", gpu_table), ("gpu_scale_h200.json", gpu_scale_table),
@@ -393,7 +411,7 @@ if __name__ == "__main__":
                      ("zero_shot_smollm2.json", zero_shot_table),
                      ("cli_e2e_smollm2_cpu.json", cli_e2e_real_table), ("cli_e2e_h200.json", cli_e2e_model_table),
                      ("cli_e2e_h200_auto.json", cli_e2e_model_table),
-                     ("cli_e2e_smollm2_h200.json", cli_e2e_real_table)]:
+                     ("cli_e2e_smollm2_h200.json", cli_e2e_real_table), ("alps_smollm2.json", alps_table)]:
         if (RESULTS / name).is_file():
             print(f"<!-- {name} -->\n{fn(RESULTS / name)}\n")
         else:
