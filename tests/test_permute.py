@@ -198,3 +198,29 @@ def test_permute_is_refused_where_it_cannot_apply():
     with pytest.raises(UsageError, match="--permute only"):
         llmprune.prune(tiny_model("llama", layers=2), method="magnitude", pattern=Unstructured(0.5), permute=True,
                        device=CPU, progress=False)
+
+
+def test_a_damaged_recorded_order_is_refused_by_the_resume(tmp_path, monkeypatch):
+    from llmprune.checkpoint import STATE_NAME, Checkpoint
+
+    work = tmp_path / "work"
+    original = Checkpoint.save
+
+    def save(self, index, *args, **kwargs):
+        original(self, index, *args, **kwargs)
+        if index == 0:
+            raise KeyboardInterrupt
+
+    def run():
+        llmprune.prune(tiny_model("llama", layers=2), calib_tokens=random_tokens(4, 32), method="ria", pattern="2:4",
+                       permute=True, device=CPU, progress=False, checkpoint_dir=work)
+
+    with monkeypatch.context() as m:
+        m.setattr(Checkpoint, "save", save)
+        with pytest.raises(KeyboardInterrupt):
+            run()
+    state = json.loads((work / STATE_NAME).read_text())
+    state["layers"][0]["perm"] = order_to_text(torch.zeros(32, dtype=torch.int64))  # a column 32 times
+    (work / STATE_NAME).write_text(json.dumps(state))
+    with pytest.raises(UsageError, match="is damaged .*not a permutation of 32 columns.*delete that folder"):
+        run()

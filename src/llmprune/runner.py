@@ -191,7 +191,7 @@ def _start(model, blocks, names, method, tokens, device, batch_size, checkpoint,
     previous run finished is put back and its propagation replayed."""
     restored = checkpoint.restore(len(blocks)) if checkpoint is not None else None
     first = restored.done if restored else 0
-    results = [LayerResult.from_record(r) for r in restored.layers] if restored else []
+    results = _restored_results(restored.layers, checkpoint) if restored else []
     hidden, calls = [], {}
     propagate = method.needs and first < len(blocks)
     if propagate:
@@ -205,6 +205,14 @@ def _start(model, blocks, names, method, tokens, device, batch_size, checkpoint,
     if checkpoint is not None:
         checkpoint.begin()
     return first, results, hidden, calls
+
+
+def _restored_results(records: list[dict], checkpoint) -> list[LayerResult]:
+    try:
+        return [LayerResult.from_record(r) for r in records]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise UsageError(f"the saved progress in {checkpoint.folder} is damaged (a layer's record: {exc}); delete that "
+                         "folder to start again") from None
 
 
 def _prune_block(block, index: int, prefix: str, method, pattern, hidden, block_calls, reduce_statistics,
