@@ -1,7 +1,7 @@
 """2:4 on the GPU: dense vs llmprune's cuSPARSELt path vs torch's stock to_sparse_semi_structured swap.
 
-Llama-2-7B shapes (or a config .json, or a folder saved with ``--pattern 2:4``), random weights with 2:4
-magnitude masks; per-Linear time over token counts, prefill (batch x 2048) and decode of the whole model,
+Llama-2-7B shapes (or a config .json, or a folder saved with ``--pattern 2:4``; a compressed folder of a
+``--permute`` run brings its input orders, see ``saved_orders``), random weights with 2:4 magnitude masks; per-Linear time over token counts, prefill (batch x 2048) and decode of the whole model,
 side by side in one run:
 
     python benchmarks/sparse24.py --dtype bfloat16 --out benchmarks/results/sparse24_h200_bf16_graphs.json
@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmprune import devices
-from llmprune.compressed import load
+from llmprune.compressed import load, permutations
 from llmprune.errors import UsageError
 from llmprune.inference import graphs, kernel, planning, swap
 from llmprune.models import find_decoder
@@ -167,6 +167,16 @@ def build_model(spec: str, dtype, device, layers: int | None = None, seed: int =
     raise UsageError(f"--model {spec}: give llama-2-7b, a config .json file, or a saved model folder")
 
 
+def saved_orders(spec: str, model) -> dict:
+    """The input orders of a saved ``--permute`` model (compressed folder) for the Linears ``model`` still has
+    (``--layers`` may drop blocks); none for anything else."""
+    path = Path(spec).expanduser()
+    if not path.is_dir():
+        return {}
+    present = {name for name, _ in model.named_modules()}
+    return {name: perm for name, perm in permutations(path).items() if name in present}
+
+
 @torch.no_grad()
 def prefill_fn(model, batch: int, seqlen: int, vocab: int, device):
     ids = torch.randint(0, vocab, (batch, seqlen), device=device, generator=torch.Generator(device).manual_seed(1))
@@ -280,6 +290,8 @@ def run(model_spec: str = "llama-2-7b", dtype=torch.bfloat16, device=None, layer
     cfg = model.config.get_text_config()
     result["layers"] = cfg.num_hidden_layers
     result["build_s"] = time.perf_counter() - t0
+    perms = saved_orders(model_spec, model)
+    result["permuted_linears"] = len(perms)
     if linears:
         result["linears"] = bench_linears(linear_shapes(cfg), tokens, dtype, device, reps)
         if save:
@@ -291,7 +303,7 @@ def run(model_spec: str = "llama-2-7b", dtype=torch.bfloat16, device=None, layer
     for variant in variants:
         print(f"== {variant}", flush=True)
         t0 = time.perf_counter()
-        entry, plan, undo = set_up(variant, model, device, ref, ids, reps)
+        entry, plan, undo = set_up(variant, model, device, ref, ids, reps, perms)
         if "error" in entry:
             result["model_runs"][variant] = entry
             continue
@@ -308,14 +320,15 @@ def run(model_spec: str = "llama-2-7b", dtype=torch.bfloat16, device=None, layer
     return result
 
 
-def set_up(variant: str, model, device, ref: torch.Tensor, ids: torch.Tensor, reps: int):
+def set_up(variant: str, model, device, ref: torch.Tensor, ids: torch.Tensor, reps: int, perms: dict | None = None):
     """Put ``variant``'s Linears in place: (entry, plan, undo); the entry is ``{"error": ...}`` where that fails.
 
-    llmprune: its sparse cores and plan, with the logits checked once with the sparse kernel in every Linear;
+    llmprune: its sparse cores and plan (``perms``: the input orders of a --permute model, folded where they can
+    be), with the logits checked once with the sparse kernel in every Linear;
     stock: torch's semi-structured weights (CUDA only); any other name: the model as it is (dense).
     """
     if variant == "llmprune":
-        swapped, err = _attempt(lambda: swap.sparsify(model, reps=max(3, reps // 2)))
+        swapped, err = _attempt(lambda: swap.sparsify(model, reps=max(3, reps // 2), perms=perms))
         if err:
             return {"error": err}, None, None
         originals, plan = swapped

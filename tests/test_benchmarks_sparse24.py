@@ -39,3 +39,24 @@ def test_main_checks_its_arguments_and_writes_the_json(tmp_path, capsys):
     r = json.loads(out.read_text())
     assert r["command"].startswith("python benchmarks/sparse24.py") and [x["tokens"] for x in r["linears"]] == [4] * 5
     assert [row["kind"] for row in r["model_runs"]["dense"]["rows"]] == ["prefill"]
+
+
+def test_a_compressed_permute_folder_brings_its_orders(tmp_path, emulated):
+    """A folder saved with --permute --format compressed runs the llmprune variant with its orders (emulated
+    kernels on CPU): every Linear becomes a core, the logits as dense."""
+    import llmprune
+    from llmprune import NM
+    from llmprune.export import save_pruned
+
+    from .conftest import random_tokens
+
+    model = tiny_model("llama")
+    res = llmprune.prune(model, calib_tokens=random_tokens(4, 32), method="ria", pattern="2:4", permute=True,
+                         device=torch.device("cpu"), progress=False)
+    out = save_pruned(model, None, tmp_path / "c", {}, format="compressed", pattern=NM(2, 4), perms=res.permutations())
+    r = load_script().run(str(out), dtype=torch.float32, device=torch.device("cpu"), prefills=((1, 16),), decodes=(),
+                          reps=1, model_reps=1, variants=("llmprune",), linears=False)
+    assert r["permuted_linears"] == 14
+    run = r["model_runs"]["llmprune"]
+    assert "error" not in run and run["check_all_sparse"]["max_abs_diff"] < 1e-4
+    assert sum(row["gather"] for row in run["plan"]) > 0

@@ -193,7 +193,6 @@ def test_summary_says_where_the_report_and_model_are_and_which_way_is_better(tin
     (["--layerwise", "owl", "--pattern", "2:4"], "--layerwise works with unstructured"),
     (["--update", "obs"], "--update must be"),
     (["--layerwise", "0.5,x"], "--layerwise"),
-    (["--pattern", "2:4", "--permute", "--format", "compressed"], "--format dense"),
 ])
 def test_cli_refuses_bad_options(args, msg, tmp_path):
     res = CliRunner().invoke(app, ["prune", "--model", str(tmp_path / "nowhere"), *args], catch_exceptions=False)

@@ -29,6 +29,15 @@ def pruned(pattern, dtype=torch.float32, seed=0):
     return model.to(dtype)
 
 
+def assert_identical(a, b):
+    """Every tensor of the two state dicts the same bits (no -0.0 allowance)."""
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for name in sa:
+        assert sa[name].dtype == sb[name].dtype, name
+        assert torch.equal(sa[name].contiguous().view(torch.uint8), sb[name].contiguous().view(torch.uint8)), name
+
+
 def assert_bit_exact(a, b):
     sa, sb = a.state_dict(), b.state_dict()
     assert sa.keys() == sb.keys()
@@ -206,3 +215,145 @@ def test_compressed_and_dense_folders_reload_as_the_run_hashed_and_evaluate_alik
     ids = torch.randint(3, 300, (1, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(dense(ids).logits, packed(ids).logits)
+
+
+# ---------------------------------------------------------------- --permute: N:M in a stored input order
+
+
+def pruned_permuted(arch="llama", dtype=torch.float32):
+    """A tiny model pruned 2:4 by RIA on permuted input channels with the lsq update, and its result."""
+    model = tiny_model(arch)
+    res = llmprune.prune(model, calib_tokens=random_tokens(4, 32), method="ria", pattern="2:4", permute=True,
+                         update="lsq", device=CPU, progress=False)
+    return model.to(dtype), res
+
+
+def test_permuted_encoding_by_hand():
+    # 1:2 in the order (1, 2, 0, 3): groups (w1, w2) and (w0, w3); as stored, (w0, w1) holds two non-zeros
+    w = torch.tensor([[5.0, -1.0, 0.0, 0.0]])
+    perm = torch.tensor([1, 2, 0, 3])
+    with pytest.raises(UsageError, match="is not 1:2 sparse"):
+        compressed.encode_nm(w, NM(1, 2), "w")
+    parts, meta = compressed.encode_permuted_nm(w, NM(1, 2), perm, "w")
+    assert meta["encoding"] == "nm-permuted" and parts["perm"].dtype == torch.int16
+    assert parts["perm"].tolist() == [1, 2, 0, 3] and parts["nm_values"].tolist() == [[-1.0, 5.0]]
+    assert torch.equal(compressed.decode_permuted_nm(parts, meta, (1, 4), "w"), w)
+    with pytest.raises(UsageError, match=r"w \(in its input permutation\) is not 1:2 sparse"):
+        compressed.encode_permuted_nm(w, NM(1, 2), torch.tensor([0, 1, 2, 3]), "w")
+    with pytest.raises(UsageError, match="its input permutation is not an order of its 4 columns"):
+        compressed.encode_permuted_nm(w, NM(1, 2), torch.tensor([1, 1, 0, 3]), "w")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_permuted_round_trip_bit_exact(tmp_path, tokenizer, dtype):
+    """--permute with --format compressed: each permuted weight stored 2:4 in its order with that order; the
+    reload equals the dense pruned model bit for bit, in the stored (un-permuted) order, and gives the orders back."""
+    model, res = pruned_permuted(dtype=dtype)
+    perms = res.permutations()
+    assert len(perms) == 14
+    out = save_pruned(model, tokenizer, tmp_path / "c", {"pattern": "2:4"}, format="compressed", pattern=NM(2, 4),
+                      perms=perms)
+    assert_identical(model, llmprune.load(out))  # pruned weights are +0.0 on both sides: the runner wrote +0.0
+    sa = model.state_dict()
+    back = compressed.permutations(out)
+    assert back.keys() == perms.keys() and all(torch.equal(back[k], perms[k]) for k in perms)
+    with safe_open(out / compressed.WEIGHTS_NAME, framework="pt") as f:
+        entries = json.loads(f.metadata()["tensors"])
+        assert f.get_tensor("model.layers.0.mlp.down_proj.weight.perm").dtype == torch.int16
+    down = entries["model.layers.0.mlp.down_proj.weight"]
+    assert down["encoding"] == "nm-permuted" and set(down["sha256"]) == {"nm_values", "nm_index", "perm"}
+    storage = json.loads((out / "llmprune_report.json").read_text())["storage"]
+    weights = [sa[f"{k}.weight"] for k in perms]  # here every pruned Linear has an order
+    # half the values, 2 bits per kept value (1 per weight), and one int16 per input column
+    expected = sum(w.numel() * w.element_size() // 2 + w.numel() // 8 + w.shape[1] * 2 for w in weights)
+    assert storage["linear_stored_bytes"] == expected
+
+
+def test_permuted_round_trip_other_architecture(tmp_path):
+    model, res = pruned_permuted("opt")
+    out = save_pruned(model, None, tmp_path / "c", {}, format="compressed", pattern=NM(2, 4), perms=res.permutations())
+    assert_identical(model, llmprune.load(out))
+    assert compressed.permutations(out).keys() == res.permutations().keys()
+
+
+def test_a_permuted_model_saved_without_its_orders_is_refused(tmp_path):
+    model, _ = pruned_permuted()
+    with pytest.raises(UsageError, match="is not 2:4 sparse: row"):
+        save_pruned(model, None, tmp_path / "c", {}, format="compressed", pattern=NM(2, 4))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_refuses_a_stored_order_that_is_not_a_permutation(tmp_path):
+    model, res = pruned_permuted()
+    out = save_pruned(model, None, tmp_path / "c", {}, format="compressed", pattern=NM(2, 4), perms=res.permutations())
+    path, key = out / compressed.WEIGHTS_NAME, "model.layers.1.self_attn.o_proj.weight.perm"
+    good = path.read_bytes()
+
+    def repeat_column(tensors, entries):
+        tensors[key] = tensors[key].clone()
+        tensors[key][1] = tensors[key][0]
+
+    readers = (lambda: llmprune.load(out, verify=False), lambda: compressed.permutations(out))
+    _rewrite(path, repeat_column)  # valid checksums, a column twice
+    for read in readers:
+        with pytest.raises(UsageError, match="o_proj.weight: the stored input permutation is not an order"):
+            read()
+    path.write_bytes(good)
+    with safe_open(path, framework="pt") as f:
+        header, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    tensors[key] = tensors[key].flip(0).contiguous()  # another order, its checksum not updated
+    save_file(tensors, path, metadata=header)
+    for read in readers:
+        with pytest.raises(UsageError, match="o_proj.weight.perm fails its checksum"):
+            read()
+
+
+def test_an_unknown_encoding_is_refused():
+    with pytest.raises(UsageError, match="an encoding this llmprune does not know \\('nm-rotated'\\)"):
+        compressed._decode({}, {"encoding": "nm-rotated"}, (1, 4), torch.float32, "w", "f")
+
+
+def test_dense_permuted_folder_loads_and_holds_no_orders(tmp_path):
+    """A dense folder's weights are N:M only in orders it does not hold: those Linears (marked in the report) are
+    not checked against the pattern, the others are; asking it for the orders is refused."""
+    model, res = pruned_permuted()
+    from llmprune import report as report_mod
+
+    rows = [report_mod._layer_row(r) for r in res.layers]
+    assert all(row["permuted"] for row in rows)
+    out = save_pruned(model, None, tmp_path / "d", {"pattern": "2:4", "layers": rows})
+    assert_bit_exact(model, llmprune.load(out))
+    with pytest.raises(UsageError, match="does not hold the input permutations"):
+        compressed.permutations(out)
+    unmarked = save_pruned(model, None, tmp_path / "u", {"pattern": "2:4"})
+    with pytest.raises(UsageError, match="is not 2:4 sparse"):
+        llmprune.load(unmarked)
+
+
+def test_cli_permute_compressed_reloads_as_the_dense_run(tiny_folder, tmp_path):
+    """`prune --permute --format compressed` (the orders go through the run's checkpoint to the save) reloads bit
+    for bit as the same run saved dense, and its report marks every permuted Linear."""
+    from llmprune.cli import run
+    from llmprune.integrity import state_sha256
+
+    outs = {}
+    for fmt in ("dense", "compressed"):
+        outs[fmt] = tmp_path / fmt
+        assert run(["prune", "--model", str(tiny_folder), "--method", "ria", "--pattern", "2:4", "--permute",
+                    "--calib-tokens", str(_token_file(tmp_path)), "--eval", "", "--out", str(outs[fmt]),
+                    "--format", fmt, "--no-progress", "--device", "cpu", "--dtype", "float32"]) == 0
+    report = json.loads((outs["compressed"] / "llmprune_report.json").read_text())
+    assert sum(bool(row.get("permuted")) for row in report["layers"]) == 21  # 3 blocks x 7 Linears
+    dense, packed = llmprune.load(outs["dense"]), llmprune.load(outs["compressed"])
+    assert_identical(dense, packed)
+    assert state_sha256(packed) == report["weights_sha256"]
+    assert len(compressed.permutations(outs["compressed"])) == 21
+
+
+def _token_file(tmp_path):
+    import numpy as np
+
+    path = tmp_path / "calib.npy"
+    if not path.exists():
+        np.save(path, random_tokens(4, 32).numpy())
+    return path

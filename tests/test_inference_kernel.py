@@ -25,6 +25,26 @@ def test_refuses_weight_that_is_not_2to4():
         kernel.SparseCore(w, None, kernel.Plan())
 
 
+def test_permuted_core_gathers_the_input_then_multiplies(emulated):
+    """A weight 2:4 only in the order (0, 1, 4, 5, 2, 3, 6, 7) (row 0 holds 3 non-zeros in columns 0-3): the core
+    compresses W[:, perm] and gathers x[:, perm] first, so y = x W^T; the dense call uses W as stored."""
+    w = torch.tensor([[5.0, -1.0, 3.0, 0.0, 0.0, 0.0, 0.0, 0.0],
+                      [0.0, 3.0, 4.0, 0.0, 1.0, 0.0, 1.0, 0.0]])
+    perm = torch.tensor([0, 1, 4, 5, 2, 3, 6, 7])
+    assert not kernel.is_2to4(w) and kernel.is_2to4(w[:, perm])
+    b = torch.tensor([0.5, -0.5])
+    core = kernel.SparseCore(w, b, kernel.Plan(force=True), perm)
+    assert torch.equal(core.packed, w[:, perm]) and torch.equal(core.dense, w) and core.key[3] is True
+    x = torch.randn(3, 5, 8)
+    torch.testing.assert_close(core(x), F.linear(x, w, b))
+    assert emulated.calls == 1
+    core.plan.force = False
+    torch.testing.assert_close(core(x), F.linear(x, w, b))
+    assert emulated.calls == 1  # dense: no sparse call, no gather
+    with pytest.raises(UsageError, match="not 2:4 sparse in its input permutation"):
+        kernel.SparseCore(w, None, kernel.Plan(), torch.arange(8))
+
+
 def test_search_returns_the_algorithm_id_alone(monkeypatch):
     class Cusparselt:  # mm_search returns (alg, split_k, split_k_mode, max_alg_id); on the H200 split_k is -1
         mm_search = staticmethod(lambda packed, b, *args: (7, -1, 2, 40))
@@ -86,6 +106,18 @@ def test_gpu_core_matches_dense(tokens, dtype=torch.bfloat16):
     y = core(x)
     assert y.shape == (2, tokens, 256) and y.is_contiguous()
     torch.testing.assert_close(y, F.linear(x, w, b), rtol=2e-2, atol=2e-1)
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("tokens", [1, 5, 300])
+def test_gpu_permuted_core_matches_dense(tokens, dtype=torch.bfloat16):
+    perm = torch.randperm(512, generator=torch.Generator().manual_seed(tokens)).cuda()
+    w = torch.randn(256, 512, dtype=dtype, device="cuda")
+    w[:, perm] = mask_24(w[:, perm].clone())  # 2:4 in the order perm only
+    core = kernel.SparseCore(w, None, kernel.Plan(force=True), perm)
+    x = torch.randn(2, tokens, 512, dtype=dtype, device="cuda")
+    torch.testing.assert_close(core(x), F.linear(x, w), rtol=2e-2, atol=2e-1)
 
 
 @pytest.mark.gpu

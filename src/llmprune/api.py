@@ -65,6 +65,11 @@ class PruneResult:
                "weights that were zero before count as pruned")
         return [f"sparsity reached {reached:.4f}, not the target {target:.4f}: {why}"]
 
+    def permutations(self) -> dict[str, torch.Tensor]:
+        """Linear name -> the input-column order its N:M mask was chosen in (``--permute``; only the Linears whose
+        order is not the stored one): what ``save_pruned(..., perms=...)`` and ``inference.sparsify`` take."""
+        return {r.name: r.perm for r in self.layers if r.perm is not None}
+
     @property
     def sparsity_overall(self) -> float:
         total = sum(r.shape[0] * r.shape[1] for r in self.layers)

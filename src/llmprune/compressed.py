@@ -4,6 +4,10 @@ Per pruned Linear weight [rows, cols]:
   N:M       the N kept values of every group of M (``.nm_values`` [rows, cols*N/M]) and each one's
             position in its group, ceil(log2 M) bits, packed into bytes (``.nm_index``); 2:4 in bf16
             stores 50% of the values + 1 bit per weight, i.e. 0.5625x.
+  N:M, permuted  (``--permute``: the mask is N:M only in a permuted input-column order) the same two parts
+            of the weight with its columns in that order, ``weight[:, perm]``, and the order itself
+            (``.perm`` [cols], int16 up to 32768 columns, else int32; position p holds column perm[p]).
+            Decoding scatters the columns back: the dense weight in its stored order, bit for bit.
   unstructured  a bitmask of the non-zeros, 1 bit per weight packed (``.mask``), and the non-zero
             values in order (``.values``); or CSR (``.csr_values``, ``.csr_cols``, ``.csr_rows``)
             where that is smaller (below ~6% density in bf16).
@@ -29,6 +33,7 @@ from .errors import UsageError
 from .integrity import REPORT_NAME, verify_output
 from .models import find_decoder, prunable_layers
 from .patterns import NM, Pattern, parse_pattern
+from .permute import index_dtype, is_order
 
 WEIGHTS_NAME = "model.llmprune.safetensors"
 FORMAT = "llmprune-compressed-1"
@@ -105,6 +110,28 @@ def decode_nm(parts: dict, meta: dict, shape, name: str) -> torch.Tensor:
     return out.reshape(rows, cols)
 
 
+def encode_permuted_nm(weight: torch.Tensor, pattern: NM, perm: torch.Tensor, name: str) -> tuple[dict, dict]:
+    """``encode_nm`` of ``weight[:, perm]`` (N:M in that column order) and the order ``perm``."""
+    cols = weight.shape[1]
+    if not is_order(perm, cols):
+        raise UsageError(f"{name}: its input permutation is not an order of its {cols} columns")
+    perm = perm.to("cpu", torch.int64)
+    parts, meta = encode_nm(weight[:, perm], pattern, f"{name} (in its input permutation)")
+    return {**parts, "perm": perm.to(index_dtype(cols))}, {**meta, "encoding": "nm-permuted"}
+
+
+def decode_permuted_nm(parts: dict, meta: dict, shape, name: str) -> torch.Tensor:
+    """The weight in its stored column order: ``decode_nm`` gives ``weight[:, perm]``, scattered back."""
+    perm = parts.get("perm")
+    if perm is None or not is_order(perm, shape[1]):
+        raise UsageError(f"{name}: the stored input permutation is not an order of its {shape[1]} columns; "
+                         "the file is corrupt")
+    permuted = decode_nm(parts, meta, shape, name)
+    out = torch.empty_like(permuted)
+    out[:, perm.long()] = permuted
+    return out
+
+
 def encode_sparse(weight: torch.Tensor) -> tuple[dict, dict]:
     """Bitmask + values, or CSR where that is smaller."""
     rows, cols = weight.shape
@@ -159,14 +186,24 @@ def pruned_weight_names(model) -> set[str]:
     return names
 
 
-def save(model, folder: str | os.PathLike, pattern: Pattern) -> dict:
-    """Write config + one compressed safetensors file into ``folder``; returns the byte counts."""
+def _encode_pruned(t: torch.Tensor, pattern: Pattern, perm: torch.Tensor | None, name: str) -> tuple[dict, dict]:
+    if not isinstance(pattern, NM):
+        return encode_sparse(t)  # every weight stored as it is: no column order needed
+    return encode_nm(t, pattern, name) if perm is None else encode_permuted_nm(t, pattern, perm, name)
+
+
+def save(model, folder: str | os.PathLike, pattern: Pattern, perms: dict[str, torch.Tensor] | None = None) -> dict:
+    """Write config + one compressed safetensors file into ``folder``; returns the byte counts.
+
+    ``perms``: Linear name (``model.layers.0.mlp.down_proj``) -> the input-column order its N:M mask is in
+    (``PruneResult.permutations()``); those weights are stored N:M in that order, with it."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     model.config.save_pretrained(folder)
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(folder)
     pruned = pruned_weight_names(model)
+    perms = {f"{k}.weight": v for k, v in (perms or {}).items()}
     tensors, entries, seen = {}, {}, {}
     linear_dense = linear_stored = 0
     for name, t in model.state_dict().items():
@@ -176,7 +213,7 @@ def save(model, folder: str | os.PathLike, pattern: Pattern) -> dict:
             continue
         seen[t.data_ptr()] = name
         if name in pruned:
-            parts, meta = encode_nm(t, pattern, name) if isinstance(pattern, NM) else encode_sparse(t)
+            parts, meta = _encode_pruned(t, pattern, perms.get(name), name)
             linear_dense += t.numel() * t.element_size()
             linear_stored += sum(p.numel() * p.element_size() for p in parts.values())
         else:
@@ -196,39 +233,63 @@ def is_compressed(folder: str | os.PathLike) -> bool:
     return (Path(folder) / WEIGHTS_NAME).is_file()
 
 
-def read_state_dict(path: str | os.PathLike) -> tuple[dict, dict]:
-    """Decode a compressed file into a dense state dict, checking checksums, shapes and the pattern."""
-    path = Path(path)
+def _decode(parts: dict, meta: dict, shape, dtype, name: str, path: Path) -> torch.Tensor:
+    encoding = meta["encoding"]
+    if encoding == "plain":
+        return parts["data"]
+    if encoding == "nm":
+        return decode_nm(parts, meta, shape, name)
+    if encoding == "nm-permuted":
+        return decode_permuted_nm(parts, meta, shape, name)
+    if encoding in ("bitmask", "csr"):
+        return decode_sparse(parts, meta, shape, dtype, name)
+    raise UsageError(f"{path}: {name} has an encoding this llmprune does not know ({encoding!r}); "
+                     "upgrade llmprune to read it")
+
+
+def _checked_parts(path: Path, stored: dict, name: str, meta: dict, only=None) -> dict:
+    """The stored parts of tensor ``name`` (those in ``only``, or all), each checked against its sha256."""
+    parts = {}
+    for part, digest in meta["sha256"].items():
+        if only is not None and part not in only:
+            continue
+        t = stored.get(f"{name}.{part}")
+        if t is None:
+            raise UsageError(f"{path}: {name}.{part} is missing; the file is corrupt")
+        if _sha(t) != digest:
+            raise UsageError(f"{path}: {name}.{part} fails its checksum; the file is corrupt")
+        parts[part] = t
+    return parts
+
+
+def _read(path: Path, keep=lambda key: True) -> tuple[dict, dict, dict]:
+    """(header, entries, the stored tensors whose key ``keep`` accepts) of a compressed file; refused when it is
+    not one or is damaged."""
     try:
         with safe_open(path, framework="pt") as f:
             header = f.metadata() or {}
             if header.get("format") != FORMAT:
                 raise UsageError(f"{path} is not an llmprune compressed file (format {header.get('format')!r})")
             entries = json.loads(header["tensors"])
-            stored = {k: f.get_tensor(k) for k in f.keys()}
+            stored = {k: f.get_tensor(k) for k in f.keys() if keep(k)}
     except UsageError:
         raise
     except Exception as exc:  # safetensors refuses truncated or malformed files
         raise UsageError(f"{path} is truncated or corrupt and cannot be read ({type(exc).__name__}: {exc})") from exc
+    return header, entries, stored
+
+
+def read_state_dict(path: str | os.PathLike) -> tuple[dict, dict]:
+    """Decode a compressed file into a dense state dict, checking checksums, shapes and the pattern."""
+    path = Path(path)
+    header, entries, stored = _read(path)
     state = {}
     for name, meta in entries.items():
         if meta["encoding"] == "alias":
             continue
-        parts = {}
-        for part, digest in meta["sha256"].items():
-            t = stored.get(f"{name}.{part}")
-            if t is None:
-                raise UsageError(f"{path}: {name}.{part} is missing; the file is corrupt")
-            if _sha(t) != digest:
-                raise UsageError(f"{path}: {name}.{part} fails its checksum; the file is corrupt")
-            parts[part] = t
+        parts = _checked_parts(path, stored, name, meta)
         shape, dtype = tuple(meta["shape"]), getattr(torch, meta["dtype"])
-        if meta["encoding"] == "plain":
-            state[name] = parts["data"]
-        elif meta["encoding"] == "nm":
-            state[name] = decode_nm(parts, meta, shape, name)
-        else:
-            state[name] = decode_sparse(parts, meta, shape, dtype, name)
+        state[name] = _decode(parts, meta, shape, dtype, name, path)
         if tuple(state[name].shape) != shape or state[name].dtype != dtype:
             raise UsageError(f"{path}: {name} decodes to {tuple(state[name].shape)} {state[name].dtype}, expected {shape} {dtype}")
     for name, meta in entries.items():
@@ -237,12 +298,37 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict, dict]:
     return state, header
 
 
+def permutations(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Linear name -> its stored input permutation (int64), for the weights saved N:M in a permuted column order:
+    what ``inference.sparsify(model, perms=...)`` takes for a model from ``load(folder)``. A dense folder holds
+    none: one whose report marks permuted Linears is refused."""
+    folder = Path(folder).expanduser()
+    if not is_compressed(folder):
+        if _report_permuted(folder):
+            raise UsageError(f"{folder} is a dense folder: it does not hold the input permutations of its --permute "
+                             "Linears; prune again with --format compressed")
+        return {}
+    path = folder / WEIGHTS_NAME
+    _, entries, stored = _read(path, keep=lambda key: key.endswith(".perm"))
+    out = {}
+    for name, meta in entries.items():
+        if meta["encoding"] == "nm-permuted":
+            perm = _checked_parts(path, stored, name, meta, only=("perm",)).get("perm")
+            if perm is None or not is_order(perm, meta["shape"][1]):
+                raise UsageError(f"{path}: {name}: the stored input permutation is not an order of its columns; "
+                                 "the file is corrupt")
+            out[name.removesuffix(".weight")] = perm.long()
+    return out
+
+
 def load(folder: str | os.PathLike, dtype: torch.dtype | None = None, check_pattern: bool = True,
          verify: bool = True):
     """Load a saved llmprune model (dense or compressed folder) as a Hugging Face causal LM.
 
     A compressed folder is rebuilt from its config on empty (meta) weights, then filled with the
-    decoded dense weights. A dense folder whose report names an N:M pattern is checked against it.
+    decoded dense weights (``permutations(folder)`` gives the input orders of its ``--permute`` Linears).
+    A dense folder whose report names an N:M pattern is checked against it (but for the Linears the report
+    marks permuted: their order is not in a dense folder).
     ``verify``: refuse a folder whose files do not match its sha256 manifest (incomplete or altered).
     """
     from accelerate import init_empty_weights
@@ -257,8 +343,10 @@ def load(folder: str | os.PathLike, dtype: torch.dtype | None = None, check_patt
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype or "auto")
         pattern = _report_pattern(folder)
         if check_pattern and isinstance(pattern, NM):
+            # a dense folder does not hold the orders of --permute: those weights are N:M only in theirs
+            unchecked = {f"{name}.weight" for name in _report_permuted(folder)}
             for name, t in model.state_dict().items():
-                if name in pruned_weight_names(model):
+                if name in pruned_weight_names(model) and name not in unchecked:
                     check_nm(t, pattern, name)
         return model.eval()
     state, _ = read_state_dict(folder / WEIGHTS_NAME)
@@ -276,12 +364,22 @@ def load(folder: str | os.PathLike, dtype: torch.dtype | None = None, check_patt
     return model.eval()
 
 
-def _report_pattern(folder: Path):
-    report = folder / REPORT_NAME
-    if not report.is_file():
-        return None
+def _report(folder: Path) -> dict:
     try:
-        text = json.loads(report.read_text()).get("pattern")
+        report = json.loads((folder / REPORT_NAME).read_text())
+    except (OSError, ValueError):
+        return {}
+    return report if isinstance(report, dict) else {}
+
+
+def _report_pattern(folder: Path):
+    text = _report(folder).get("pattern")
+    try:
         return parse_pattern(text, 0.5) if text else None
     except (ValueError, UsageError):
         return None
+
+
+def _report_permuted(folder: Path) -> set[str]:
+    """Names of the Linears the report marks ``permuted`` (N:M in a permuted input-column order)."""
+    return {row["name"] for row in _report(folder).get("layers") or [] if isinstance(row, dict) and row.get("permuted")}

@@ -107,8 +107,11 @@ def _save_config(model, folder: Path) -> None:
 
 
 def stage_pruned(model, tokenizer, out: str | os.PathLike, overwrite: bool = False, format: str = "dense",
-                 pattern=None, after_error: str = "") -> Staged:
+                 pattern=None, after_error: str = "", perms: dict | None = None) -> Staged:
     """Write model + tokenizer with ``save_pretrained`` (or ``compressed.save``) into a temporary sibling of ``out``.
+
+    ``perms`` (compressed only): Linear name -> the input-column order its N:M mask is in
+    (``PruneResult.permutations()``), stored with the weight.
 
     A failed write (e.g. no space left) raises a one-line ``UsageError`` (``after_error`` is appended
     to its message) and leaves nothing behind.
@@ -123,7 +126,7 @@ def stage_pruned(model, tokenizer, out: str | os.PathLike, overwrite: bool = Fal
     try:
         storage = None
         if format == "compressed":
-            storage = compressed.save(model, tmp, pattern)
+            storage = compressed.save(model, tmp, pattern, perms)
         else:
             model.save_pretrained(tmp)
         if tokenizer is not None:
@@ -168,14 +171,15 @@ def seal(staged: Staged, out: str | os.PathLike, report: dict, after_error: str 
 
 
 def save_pruned(model, tokenizer, out: str | os.PathLike, report: dict, overwrite: bool = False,
-                format: str = "dense", pattern=None, after_error: str = "") -> Path:
+                format: str = "dense", pattern=None, after_error: str = "", perms: dict | None = None) -> Path:
     """Write model + tokenizer + report + manifest to a temporary sibling, then rename it into place.
 
-    ``format="compressed"`` stores the pruned Linears packed (see ``compressed``; needs ``pattern``)
-    and adds the byte counts to the report under ``storage``. A failed write (e.g. no space left)
+    ``format="compressed"`` stores the pruned Linears packed (see ``compressed``; needs ``pattern``, and
+    ``perms`` after ``--permute``: ``PruneResult.permutations()``) and adds the byte counts to the report
+    under ``storage``. A failed write (e.g. no space left)
     raises a one-line ``UsageError`` (``after_error`` is appended to its message) and leaves nothing behind.
     """
-    staged = stage_pruned(model, tokenizer, out, overwrite, format, pattern, after_error)
+    staged = stage_pruned(model, tokenizer, out, overwrite, format, pattern, after_error, perms)
     if staged.storage is not None:
         report = {**report, "storage": staged.storage}
     return seal(staged, out, report, after_error)

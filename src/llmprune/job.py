@@ -95,10 +95,6 @@ class PruneJob:
 
     def __post_init__(self) -> None:
         check_combination(self.method, self.pattern, self.layerwise)
-        permuted = any(getattr(m, "permute", False) for m in wrapped(self.method))
-        if permuted and self.save.format == "compressed":
-            raise UsageError("--permute leaves masks that are N:M only in a permuted column order, which --format "
-                             "compressed cannot store as N:M; save with --format dense")
         if self.run.stream_from_disk:
             self._check_streaming()
 

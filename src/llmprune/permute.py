@@ -3,11 +3,14 @@
 The permutation is only used to choose the mask: the mask is selected on the permuted score matrix and
 permuted back, so weights stay where they are and the pruned layer computes exactly what the same mask
 would compute on the physically permuted layer. The saved weights are therefore N:M only in the
-permuted column order, not in the original order (see ``nm_permutation``).
+permuted column order, not in the original order (see ``nm_permutation``). ``permuted_nm_mask`` returns
+that order with the mask, so the runner can record it per Linear (``runner.LayerResult.perm``) for the
+compressed format and the 2:4 kernels.
 """
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 from dataclasses import dataclass
 from typing import ClassVar
@@ -70,8 +73,8 @@ def _gain(cand: torch.Tensor, thr: torch.Tensor, chunk_elems: int) -> torch.Tens
     return gain
 
 
-def permuted_nm_select(scores: torch.Tensor, pattern: NM, rounds: int = 1, then=None) -> torch.Tensor:
-    """Keep-mask in the original column order that is N:M in the order ``nm_permutation`` finds.
+def permuted_nm_mask(scores: torch.Tensor, pattern: NM, rounds: int = 1, then=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(keep-mask in the original column order, the order ``perm`` it is N:M in): ``keep[:, perm]`` is N:M.
 
     ``then(keep, perm)``, if given, adjusts the mask while it is still in permuted order (where the groups of M
     are) and returns it, e.g. a refinement that must keep each group N:M."""
@@ -79,7 +82,54 @@ def permuted_nm_select(scores: torch.Tensor, pattern: NM, rounds: int = 1, then=
     chosen = select(scores[:, perm], pattern)
     keep = torch.empty_like(scores, dtype=torch.bool)
     keep[:, perm] = chosen if then is None else then(chosen, perm)
-    return keep
+    return keep, perm
+
+
+def permuted_nm_select(scores: torch.Tensor, pattern: NM, rounds: int = 1, then=None) -> torch.Tensor:
+    """Keep-mask in the original column order that is N:M in the order ``nm_permutation`` finds."""
+    return permuted_nm_mask(scores, pattern, rounds, then)[0]
+
+
+def stored_order(perm: torch.Tensor | None) -> torch.Tensor | None:
+    """``perm`` as a CPU int64 tensor, or None when it is the identity (the mask is N:M as stored)."""
+    if perm is None:
+        return None
+    perm = perm.detach().to("cpu", torch.int64)
+    return None if torch.equal(perm, torch.arange(perm.numel())) else perm
+
+
+def is_order(perm: torch.Tensor, cols: int) -> bool:
+    """Whether ``perm`` is a permutation of ``range(cols)`` (a 1-D integer tensor holding each column once)."""
+    if perm.dim() != 1 or perm.numel() != cols or perm.is_floating_point() or perm.dtype == torch.bool:
+        return False
+    return torch.equal(perm.long().sort().values, torch.arange(cols, device=perm.device))
+
+
+def index_dtype(cols: int) -> torch.dtype:
+    """The smallest stored integer type for column indices below ``cols``: int16 up to 32768 columns, else int32."""
+    return torch.int16 if cols <= 2**15 else torch.int32
+
+
+def _wire_dtype(cols: int) -> str:
+    """The numpy type of a recorded order: ``index_dtype`` of ``cols``, little-endian."""
+    return "<i2" if index_dtype(cols) == torch.int16 else "<i4"
+
+
+def order_to_text(perm: torch.Tensor) -> str:
+    """A column order as JSON-friendly text: base64 of its little-endian ``index_dtype`` bytes."""
+    raw = perm.to("cpu", torch.int64).numpy().astype(_wire_dtype(perm.numel()))
+    return base64.b64encode(raw.tobytes()).decode("ascii")
+
+
+def order_from_text(text: str, cols: int) -> torch.Tensor:
+    """The inverse of ``order_to_text`` for a layer of ``cols`` input columns (int64); a ValueError if it is not
+    a permutation of them."""
+    import numpy as np
+
+    perm = torch.from_numpy(np.frombuffer(base64.b64decode(text), dtype=_wire_dtype(cols)).astype(np.int64))
+    if not is_order(perm, cols):
+        raise ValueError(f"a recorded column order is not a permutation of {cols} columns")
+    return perm
 
 
 @dataclass(frozen=True)

@@ -42,6 +42,8 @@ def perplexity_table(dense: dict, pruned: dict) -> dict:
 
 def _layer_row(r) -> dict:
     row = {"name": r.name, "shape": list(r.shape), "sparsity": r.sparsity}
+    if r.perm is not None:
+        row["permuted"] = True  # N:M in a permuted input-column order (stored with --format compressed)
     if r.warnings:
         row["warnings"] = r.warnings
     return row

@@ -6,7 +6,7 @@ The runner knows blocks, devices and propagation; it knows nothing about scores.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Protocol, Sequence
 
 import torch
@@ -18,8 +18,10 @@ from .capture import BlockCall, StopForward, collect_statistics, record_block_ca
 from .errors import UsageError
 from .guards import NumericalError, check_finite, record_numerical_warnings, statistic_tensors
 from .layout import local_state
+from .methods.base import prune_layer
 from .models import find_decoder, prunable_layers, set_weight_matrix, weight_matrix
 from .patterns import Pattern, check_fits
+from .permute import order_from_text, order_to_text, stored_order
 
 
 @dataclass
@@ -29,10 +31,25 @@ class LayerResult:
     zeros: int
     warnings: list[str] = field(default_factory=list)
     """Numerical fix-ups made for this layer (e.g. more dampening); empty when none."""
+    perm: torch.Tensor | None = None
+    """``--permute``: the input-column order the mask is N:M in (position p holds column ``perm[p]``, CPU int64);
+    None when the mask is N:M as stored."""
 
     @property
     def sparsity(self) -> float:
         return self.zeros / (self.shape[0] * self.shape[1])
+
+    def to_record(self) -> dict:
+        """As JSON (the checkpoint's state): the order as base64 text (``permute.order_to_text``)."""
+        return {"name": self.name, "shape": list(self.shape), "zeros": self.zeros, "warnings": list(self.warnings),
+                "perm": None if self.perm is None else order_to_text(self.perm)}
+
+    @classmethod
+    def from_record(cls, record: dict) -> LayerResult:
+        shape = tuple(record["shape"])
+        perm = record.get("perm")
+        return cls(record["name"], shape, record["zeros"], list(record.get("warnings", [])),
+                   None if perm is None else order_from_text(perm, shape[1]))
 
 
 class Placement(Protocol):
@@ -162,7 +179,7 @@ def prune_blocks(
         results += _prune_block(block, index, names[id(block)], method, block_pattern, hidden, _calls_of(calls, index),
                                 reduce_statistics, propagate=index < len(blocks) - 1)
         if checkpoint is not None:
-            checkpoint.save(index, block, names[id(block)], [asdict(r) for r in results], len(blocks))
+            checkpoint.save(index, block, names[id(block)], [r.to_record() for r in results], len(blocks))
         placement.release(index, block)
         bar.update()
     bar.close()
@@ -174,7 +191,7 @@ def _start(model, blocks, names, method, tokens, device, batch_size, checkpoint,
     previous run finished is put back and its propagation replayed."""
     restored = checkpoint.restore(len(blocks)) if checkpoint is not None else None
     first = restored.done if restored else 0
-    results = [LayerResult(**{**r, "shape": tuple(r["shape"])}) for r in restored.layers] if restored else []
+    results = _restored_results(restored.layers, checkpoint) if restored else []
     hidden, calls = [], {}
     propagate = method.needs and first < len(blocks)
     if propagate:
@@ -188,6 +205,14 @@ def _start(model, blocks, names, method, tokens, device, batch_size, checkpoint,
     if checkpoint is not None:
         checkpoint.begin()
     return first, results, hidden, calls
+
+
+def _restored_results(records: list[dict], checkpoint) -> list[LayerResult]:
+    try:
+        return [LayerResult.from_record(r) for r in records]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise UsageError(f"the saved progress in {checkpoint.folder} is damaged (a layer's record: {exc}); delete that "
+                         "folder to start again") from None
 
 
 def _prune_block(block, index: int, prefix: str, method, pattern, hidden, block_calls, reduce_statistics,
@@ -236,11 +261,12 @@ def _prune_layer(method, pattern, layer, collector, name: str, full_name: str, i
     w = weight_matrix(layer)
     try:
         with record_numerical_warnings() as notes:
-            new_w, _keep = method.prune(w, stats, pattern)
+            pruned = prune_layer(method, w, stats, pattern)
     except NumericalError as exc:
         raise NumericalError(f"{where}: {exc}") from None
-    check_finite([new_w], f"the pruned weight of {where}", dtype)
+    check_finite([pruned.weight], f"the pruned weight of {where}", dtype)
     # a masked negative weight is -0.0 after w * mask; +0.0 everywhere (x + 0.0 changes nothing else), so the
     # saved zeros, the report's weights_sha256 and a compressed folder's reload agree bit for bit
-    set_weight_matrix(layer, new_w + 0.0)
-    return LayerResult(full_name, tuple(w.shape), int((w == 0).sum()), [f"{full_name}: {n}" for n in notes])
+    set_weight_matrix(layer, pruned.weight + 0.0)
+    return LayerResult(full_name, tuple(w.shape), int((w == 0).sum()), [f"{full_name}: {n}" for n in notes],
+                       stored_order(pruned.perm))

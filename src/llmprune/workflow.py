@@ -169,7 +169,7 @@ def finish(job: PruneJob, lm, tok, info, result, evaluations, eval_s: float, tim
     out = job.save.out
     keep = f"; the pruned blocks are kept in {work}: re-run the same command to finish"
     t0 = time.perf_counter()
-    staged = stage_output(lm, tok, job, work, in_place, keep) if out is not None else None
+    staged = stage_output(lm, tok, job, work, in_place, keep, result.permutations()) if out is not None else None
     save_s = result.save_s + time.perf_counter() - t0
     t0 = time.perf_counter()
     weights_sha = integrity.state_sha256(lm, result.tensor_sha256) if placement is None else None
@@ -191,14 +191,15 @@ def finish(job: PruneJob, lm, tok, info, result, evaluations, eval_s: float, tim
     return Outcome(payload, out, job.save.report, (staged.storage or {}) if staged is not None else {})
 
 
-def stage_output(lm, tok, job: PruneJob, work, in_place: bool, keep: str):
+def stage_output(lm, tok, job: PruneJob, work, in_place: bool, keep: str, perms: dict):
     """The output but for its report and manifest: the work folder's block shards completed in place, or
-    (compressed, or a model saved under renamed keys) a fresh save beside ``--out``."""
+    (compressed, or a model saved under renamed keys) a fresh save beside ``--out``; ``perms``: the Linears'
+    input orders of ``--permute`` (stored by the compressed format)."""
     if in_place:
         return export.finish_dense(work, lm, tok, checkpoint.read_state(work)["shards"])
     lm.to("cpu")
     return export.stage_pruned(lm, tok, job.save.out, job.save.overwrite, format=job.save.format, pattern=job.pattern,
-                               after_error=keep)
+                               after_error=keep, perms=perms)
 
 
 def saved_eval_seqlen(model: str) -> int | None:

@@ -7,6 +7,11 @@ token-count bucket), which ``planning.plan_cores`` fills by timing both once.
 Layout: cuSPARSELt multiplies sparse(A) @ dense(B). With A = W [out, in] (2:4 along ``in``) and
 B = x^T (a free transposed view of the row-major activations), ``transpose_result=True`` makes the
 product come out as y = x W^T, row-major [tokens, out]: no copy before or after the kernel.
+
+A weight pruned with ``--permute`` is 2:4 only in a permuted input-column order ``perm``: its core compresses
+W[:, perm] and gathers the activation's columns into the same order first, y = x[:, perm] W[:, perm]^T = x W^T.
+The gather is one extra read and write of the activations per call (``benchmarks/perm_gather.py`` times it);
+``swap`` folds the order into the previous Linear where that is exact, and then no gather is needed.
 """
 
 from __future__ import annotations
@@ -101,24 +106,42 @@ class Plan:
             self.mode = before
 
 
-class SparseCore(nn.Module):
-    """y = x W^T (+ b) with W kept dense and cuSPARSELt-compressed; the plan picks per call."""
+def in_order(weight: torch.Tensor, perm: torch.Tensor | None) -> torch.Tensor:
+    """The weight with its input columns in ``perm`` order (position p holds column perm[p]); as it is for None."""
+    return weight if perm is None else weight[:, perm]
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, plan: Plan):
+
+class SparseCore(nn.Module):
+    """y = x W^T (+ b) with W kept dense and cuSPARSELt-compressed; the plan picks per call.
+
+    ``perm``: W is 2:4 in that input-column order (``--permute``); the compressed weight is W[:, perm] and the
+    sparse call gathers ``x[:, perm]`` first. The dense call uses W as stored and gathers nothing.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, plan: Plan,
+                 perm: torch.Tensor | None = None):
         super().__init__()
         if weight.is_cuda and weight.dtype == torch.float16:
             raise UsageError("the 2:4 GPU path runs in bfloat16 only: in float16 cuSPARSELt's search fails (algorithm "
                              "id 36 raises an illegal instruction on the H200, torch 2.11) and algorithm 0 is slower "
                              "than dense; load the model with --dtype bfloat16")
-        if not is_2to4(weight):
-            raise UsageError(f"a {tuple(weight.shape)} weight is not 2:4 sparse; prune it with --pattern 2:4 first")
+        if perm is not None:
+            perm = perm.to(weight.device, torch.int64)
+        stored = in_order(weight, perm)
+        if not is_2to4(stored):
+            where = " in its input permutation" if perm is not None else ""
+            raise UsageError(f"a {tuple(weight.shape)} weight is not 2:4 sparse{where}; prune it with --pattern 2:4 first")
         self.register_buffer("dense", weight, persistent=False)
         self.register_buffer("bias", bias, persistent=False)
-        self.register_buffer("packed", Kernels.compress(weight), persistent=False)
+        self.register_buffer("perm", perm, persistent=False)
+        self.register_buffer("packed", Kernels.compress(stored.contiguous()), persistent=False)
         self.plan = plan
-        self.key = (weight.shape[0], weight.shape[1], str(weight.dtype))
+        self.key = (weight.shape[0], weight.shape[1], str(weight.dtype), perm is not None)
+        """(out, in, dtype, gathers): cores that gather are timed apart, their sparse time includes the gather."""
 
     def sparse_mm(self, x2: torch.Tensor, algo: Algo = Algo()) -> torch.Tensor:
+        if self.perm is not None:
+            x2 = x2.index_select(1, self.perm)  # the activation's columns in the order the weight is 2:4 in
         t = x2.shape[0]
         pad = (-t) % PAD
         if pad:

@@ -90,7 +90,7 @@ def plan_cores(cores: list[SparseCore], plan: Plan, buckets=BUCKETS, reps: int =
                 sparse_s = {a: timer(lambda: core.sparse_mm(x, a), reps) for a in algos}
                 choice, best = choose(dense_s, sparse_s)
                 plan.choices[(mode, key, t)] = choice
-                plan.timings.append({"mode": mode, "shape": list(key[:2]), "dtype": key[2], "tokens": t,
+                plan.timings.append({"mode": mode, "shape": list(key[:2]), "dtype": key[2], "gather": key[3], "tokens": t,
                                      "alg": choice.algo.alg, "dense_ms": dense_s * 1e3, "sparse_ms": best * 1e3,
                                      "candidates": [{"alg": a.alg, "ms": v * 1e3} for a, v in sparse_s.items()],
                                      "chosen": "sparse" if choice.sparse else "dense"})

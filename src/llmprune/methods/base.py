@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import ClassVar, Mapping, Protocol, runtime_checkable
 
 import torch
@@ -13,9 +14,22 @@ Stats = Mapping[str, object]
 """A Linear's statistics by name (``stats.STATISTICS``: norms, means, hessian), as a method declared it needs."""
 
 
+@dataclass(frozen=True)
+class Pruned:
+    """One pruned weight: the new weight, its keep-mask, and the input-column order the mask is N:M in."""
+
+    weight: torch.Tensor
+    keep: torch.Tensor
+    perm: torch.Tensor | None = None
+    """Position p holds input column ``perm[p]``: ``keep[:, perm]`` is N:M (``--permute``); None: the stored order."""
+
+
 @runtime_checkable
 class Method(Protocol):
-    """What the runner calls: a pure function of a weight, its statistics and the pattern."""
+    """What the runner calls: a pure function of a weight, its statistics and the pattern.
+
+    A method that chooses its mask on permuted input columns also has ``prune_ordered(weight, stats, pattern)
+    -> Pruned``, which gives that order too (see ``prune_layer``)."""
 
     name: str
     needs: tuple[str, ...]
@@ -42,6 +56,15 @@ class Modifier(Protocol):
         ...
 
 
+def prune_layer(method: Method, weight: torch.Tensor, stats: Stats, pattern: Pattern) -> Pruned:
+    """``method`` applied to one weight, with the column order of its mask where it has ``prune_ordered``."""
+    ordered = getattr(method, "prune_ordered", None)
+    if ordered is not None:
+        return ordered(weight, stats, pattern)
+    new_w, keep = method.prune(weight, stats, pattern)
+    return Pruned(new_w, keep)
+
+
 class ScoreMethod:
     """A method defined by an importance score; the shared ``select`` makes the mask.
 
@@ -57,18 +80,32 @@ class ScoreMethod:
     def score(self, weight: torch.Tensor, stats: Mapping[str, object]) -> torch.Tensor:
         raise NotImplementedError
 
+    def permutes(self, pattern: Pattern) -> bool:
+        """Whether the mask for ``pattern`` is chosen on permuted input columns."""
+        return isinstance(pattern, NM) and getattr(self, "permute", False)
+
     def mask(self, scores: torch.Tensor, pattern: Pattern) -> torch.Tensor:
-        if isinstance(pattern, NM) and getattr(self, "permute", False):
+        if self.permutes(pattern):
             from ..permute import permuted_nm_select
 
             return permuted_nm_select(scores, pattern)
         return select(scores, pattern, self.default_scope)
 
+    def prune_ordered(self, weight: torch.Tensor, stats: Mapping[str, object], pattern: Pattern) -> Pruned:
+        scores = self.score(weight, stats)
+        if self.permutes(pattern):
+            from ..permute import permuted_nm_mask
+
+            keep, perm = permuted_nm_mask(scores, pattern)
+        else:
+            keep, perm = self.mask(scores, pattern), None
+        return Pruned(weight * keep, keep, perm)
+
     def prune(
         self, weight: torch.Tensor, stats: Mapping[str, object], pattern: Pattern
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        keep = self.mask(self.score(weight, stats), pattern)
-        return weight * keep, keep
+        pruned = self.prune_ordered(weight, stats, pattern)
+        return pruned.weight, pruned.keep
 
     def settings(self) -> dict:
         out = {"default_scope": self.default_scope}

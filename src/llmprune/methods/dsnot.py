@@ -26,6 +26,7 @@ import torch
 from ..errors import UsageError
 from ..patterns import NM, Pattern
 from ..stats import feature_variance
+from .base import Pruned, prune_layer
 
 _TINY_VAR = 1e-12  # a constant input feature is grown first, not divided by zero
 
@@ -148,20 +149,25 @@ class WithDSnoT:
         object.__setattr__(self, "name", f"{self.method.name}+dsnot")
         object.__setattr__(self, "needs", tuple(dict.fromkeys((*self.method.needs, "norms", "means"))))
 
-    def prune(self, weight: torch.Tensor, stats: Mapping[str, object], pattern: Pattern):
+    def prune_ordered(self, weight: torch.Tensor, stats: Mapping[str, object], pattern: Pattern) -> Pruned:
         mean, mean_sq = stats["means"].mean, stats["norms"].mean_sq
         var = feature_variance(stats["norms"], stats["means"])
+        perm = None
         if isinstance(pattern, NM) and getattr(self.method, "permute", False):
-            from ..permute import permuted_nm_select
+            from ..permute import permuted_nm_mask
 
-            keep = permuted_nm_select(
+            keep, perm = permuted_nm_mask(
                 self.method.score(weight, stats), pattern,
                 then=lambda chosen, perm: refine_mask(weight[:, perm], chosen, mean[perm], var[perm], mean_sq[perm],
                                                       pattern, self.cycles, self.threshold))
         else:
-            _, keep = self.method.prune(weight, stats, pattern)
+            keep = prune_layer(self.method, weight, stats, pattern).keep
             keep = refine_mask(weight, keep, mean, var, mean_sq, pattern, self.cycles, self.threshold)
-        return weight * keep, keep
+        return Pruned(weight * keep, keep, perm)
+
+    def prune(self, weight: torch.Tensor, stats: Mapping[str, object], pattern: Pattern):
+        pruned = self.prune_ordered(weight, stats, pattern)
+        return pruned.weight, pruned.keep
 
     def settings(self) -> dict:
         return {**self.method.settings(), "refine": "dsnot", "dsnot_cycles": self.cycles,

@@ -17,6 +17,7 @@ from typing import ClassVar, Mapping
 import torch
 
 from ..patterns import Pattern
+from .base import Pruned, prune_layer
 
 
 def row_errors(w: torch.Tensor, w0: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
@@ -91,9 +92,14 @@ class WithUpdate:
         object.__setattr__(self, "name", f"{self.method.name}+lsq")
         object.__setattr__(self, "needs", tuple(dict.fromkeys((*self.method.needs, "hessian"))))
 
+    def prune_ordered(self, weight: torch.Tensor, stats: Mapping[str, object], pattern: Pattern) -> Pruned:
+        masked = prune_layer(self.method, weight, stats, pattern)  # the fit starts again from the dense weight
+        new_w = lsq_update(weight, masked.keep, stats["hessian"].matrix, self.damp, self.iters)
+        return Pruned(new_w, masked.keep, masked.perm)
+
     def prune(self, weight: torch.Tensor, stats: Mapping[str, object], pattern: Pattern):
-        _, keep = self.method.prune(weight, stats, pattern)  # the fit starts again from the dense weight
-        return lsq_update(weight, keep, stats["hessian"].matrix, self.damp, self.iters), keep
+        pruned = self.prune_ordered(weight, stats, pattern)
+        return pruned.weight, pruned.keep
 
     def settings(self) -> dict:
         return {**self.method.settings(), "update": "lsq", "update_damp": self.damp, "update_iters": self.iters}
