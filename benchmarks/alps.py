@@ -2,7 +2,7 @@
 prune time at 50/60/70% unstructured and 2:4, every method on the same calibration tokens and windows.
 
 The README's small CPU protocol: 32 C4 calibration windows x 512 tokens (seed 0); WikiText-2 test, the first 32
-windows of 512. Each method runs with its defaults (ALPS: the paper's; unstructured over the whole matrix).
+windows of 512. Each method runs with its paper's defaults (ALPS: the paper's; RIA unstructured: one threshold per matrix).
 Rows are written as they finish; a rerun with the same --out skips them.
 
     LLMPRUNE_DATA_DIR=... python benchmarks/alps.py --out benchmarks/results/alps_smollm2.json
@@ -21,6 +21,7 @@ import torch
 from llmprune import api, data, devices, loading, report
 from llmprune.config import Calibration
 from llmprune.evaluate import perplexity, windows_of
+from llmprune.patterns import Unstructured
 
 METHODS = [("alps", "alps", {}), ("sparsegpt", "sparsegpt", {}), ("wanda", "wanda", {}),
            ("ria+perm+lsq", "ria", {"permute": True, "update": "lsq"})]
@@ -35,7 +36,8 @@ def runs():
     for pattern, sparsity in CELLS:
         for label, method, options in METHODS:
             if options.get("permute") and pattern == "unstructured":
-                options = {k: v for k, v in options.items() if k != "permute"}
+                # RIA's paper default for unstructured: one threshold per matrix (its --per_outneuron is off)
+                options = {**{k: v for k, v in options.items() if k != "permute"}, "scope": "matrix"}
                 label = "ria+lsq"
             yield label, method, pattern, sparsity, options
 
@@ -43,13 +45,16 @@ def runs():
 def prune_row(args, tok, tokens, calib, wins, device, dtype, run) -> dict:
     label, method, pattern, sparsity, options = run
     model, _, _ = loading.load_model(args.model, dtype)
+    options = dict(options)
+    if "scope" in options:  # an explicit comparison scope, whatever the method's default
+        pattern = Unstructured(sparsity, options.pop("scope"))
     res = api.prune(model, tok, method=method, pattern=pattern, sparsity=sparsity, calib_tokens=tokens,
                     calibration=calib, device=device, progress=False, **options)
     t0 = time.perf_counter()
     ppl = perplexity(model.to(device), wins, device, max(1, 4096 // args.eval_seqlen), progress=False).perplexity
-    return {"label": label, "method": res.method, "pattern": str(res.pattern), "cell": cell_name(pattern, sparsity),
+    return {"label": label, "method": res.method, "pattern": str(res.pattern), "cell": cell_name(run[2], sparsity),
             "perplexity": ppl, "prune_s": res.prune_s, "sparsity": res.sparsity_overall,
-            "eval_s": time.perf_counter() - t0, "threads": torch.get_num_threads(), "options": options,
+            "eval_s": time.perf_counter() - t0, "threads": torch.get_num_threads(), "options": run[4],
             "settings": res.method_settings}
 
 
