@@ -37,9 +37,9 @@ import torch
 
 TINY = os.environ.get("CLI_E2E_TINY") == "1"
 VOCAB = 32000
-DEFAULT_RUNS = (
-    "wanda/unstructured/gpu/none", "wanda/unstructured/gpu/out", "wanda/2:4/gpu/out",
-    "sparsegpt/unstructured/gpu/out", "sparsegpt/2:4/gpu/out",
+DEFAULT_RUNS = (  # auto: the default --weights (the whole model on the GPU where it fits beside the run)
+    "wanda/unstructured/auto/none", "wanda/unstructured/auto/out", "wanda/2:4/auto/out",
+    "sparsegpt/unstructured/auto/out", "sparsegpt/2:4/auto/out",
     "wanda/unstructured/offload/out", "sparsegpt/2:4/offload/out",
     "wanda/unstructured/stream/out", "sparsegpt/2:4/stream/out",
 )

@@ -369,13 +369,15 @@ def cli_e2e_model_table(path: Path) -> str:
             f"{r['calibration'][0]} x {r['calibration'][1]}, batch {r['batch']}. Floors measured in the same run:{startup} two "
             f"forward passes {f['forward']['seconds']:.1f} s, reading the model {f['read']['model_s']:.1f} s, writing it "
             f"{f['write']['model_s']:.1f} s.\n\n")
-    lines = ["| run | wall (s) | start-up | load | prune | save | hash | prune / forward floor | wall / total floor "
-             "| peak RSS (GB) | written / output |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    placed = any("place_s" in (x.get("time") or {}) for x in r["rows"])
+    keys = ("startup_s", "load_s", *(("place_s",) if placed else ()), "prune_s", "save_s", "hash_s")
+    lines = ["| run | wall (s) | start-up | load | " + ("place | " if placed else "") + "prune | save | hash | "
+             "prune / forward floor | wall / total floor | peak RSS (GB) | written / output |",
+             "|---|" + "---:|" * (len(keys) + 5)]
     for x in r["rows"]:
         t = x.get("time") or {}
         ratio = (f"{x['polled_write_bytes'] / x['output_bytes']:.2f}" if x.get("output_bytes") else "-")
-        cells = [f"{t[k]:.1f}" if t.get(k) is not None else "-" for k in ("startup_s", "load_s", "prune_s", "save_s", "hash_s")]
+        cells = [f"{t[k]:.1f}" if t.get(k) is not None else "-" for k in keys]
         lines.append(f"| {x['run']} | {x['wall_s']:.1f} | {' | '.join(cells)} | "
                      f"{x.get('prune_over_forward_floor', float('nan')):.2f} | {x.get('wall_over_total_floor', float('nan')):.2f} | "
                      f"{x['peak_rss_bytes'] / 1e9:.1f} | {ratio} |")

@@ -36,3 +36,11 @@ def test_offloaded_activations_give_the_same_model(method):
         results.append(linear_weights(model))
     for name in results[0]:
         assert torch.equal(results[0][name], results[1][name]), name
+
+
+@pytest.mark.parametrize("n, m", [(2, 4), (1, 4), (4, 8), (8, 16)])
+def test_nm_masks_on_the_gpu_equal_the_cpu_sort(n, m):
+    """The GPU's comparison ranks (M <= 8) and its sort (M = 16) choose the CPU's masks, ties included."""
+    gen = torch.Generator().manual_seed(0)
+    scores = torch.randint(0, 4, (512, 1024), generator=gen).float()
+    assert torch.equal(llmprune.select(scores.cuda(), NM(n, m)).cpu(), llmprune.select(scores, NM(n, m)))

@@ -81,3 +81,16 @@ def test_m_must_divide_width():
     with pytest.raises(UsageError, match="does not divide the input width 30"):
         check_fits(NM(2, 4), 30, "layer")
     check_fits(NM(2, 4), 32, "layer")
+
+
+@pytest.mark.parametrize("m", [2, 4, 8])
+def test_nm_ranks_equal_a_stable_sort(m):
+    """The comparison ranks a GPU uses for N:M masks are the positions of a stable ascending sort, ties included."""
+    from llmprune.patterns import _prune_lowest, nm_ranks
+
+    gen = torch.Generator().manual_seed(m)
+    groups = torch.randint(0, 3, (4000, m), generator=gen).float()  # many exact ties
+    expected = torch.sort(groups, dim=1, stable=True).indices.argsort(dim=1)
+    assert torch.equal(nm_ranks(groups).long(), expected)
+    for k in range(1, m):
+        assert torch.equal(nm_ranks(groups) >= k, _prune_lowest(groups, k))

@@ -8,6 +8,7 @@ import os
 import platform
 import re
 import resource
+import threading
 import warnings
 from pathlib import Path
 
@@ -132,6 +133,25 @@ def _cuda_in_use() -> bool:
     """True once this process has initialised CUDA. Before that no GPU memory was allocated, and torch's
     allocator statistics refuse every device (``RuntimeError: Invalid device argument``)."""
     return torch.cuda.is_available() and torch.cuda.is_initialized()
+
+
+def start_cuda(device: torch.device):
+    """Initialise CUDA for ``device`` on a side thread (driver context, allocator, cuBLAS: seconds on a large
+    machine), so that it overlaps reading the model from disk; returns the function that waits for it."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return lambda: None
+
+    def init() -> None:
+        try:
+            with torch.cuda.device(device):
+                x = torch.ones(8, 8, device=device)
+                (x @ x).sum().item()
+        except Exception:  # noqa: BLE001 - the main thread meets the same error where it uses the GPU, and says it
+            pass
+
+    thread = threading.Thread(target=init, name="llmprune-cuda-init", daemon=True)
+    thread.start()
+    return thread.join
 
 
 def reset_peak_memory() -> None:

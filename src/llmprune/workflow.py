@@ -128,6 +128,7 @@ class Evaluator:
 def run_prune(job: PruneJob, world) -> Outcome | None:
     """The whole `llmprune prune`; None on the torchrun ranks other than 0 (rank 0 evaluates, saves, reports)."""
     startup_s = report_mod.process_age_s()  # interpreter, imports and parsing, before any of this run's work
+    cuda_ready = devices.start_cuda(job.run.device)  # overlaps the model's read from disk
     ddir = preflight(job)
     devices.reset_peak_memory()
     t0 = time.perf_counter()
@@ -145,9 +146,12 @@ def run_prune(job: PruneJob, world) -> Outcome | None:
     dense = evaluate("dense")
     if evaluate.active:
         lm.to("cpu")
+    t0 = time.perf_counter()
+    cuda_ready()
     where = "streamed" if placement is not None else place_weights(
         lm, job.run.weights, job.run.device, tokens, job.run.batch_size, job.method.needs, job.run.activations,
         api.work_bytes(job.method))
+    place_s = time.perf_counter() - t0  # what is left of starting CUDA, and the weights' copy to the GPU
     work = checkpoint.work_dir_for(job.save.out) if job.save.out is not None else None
     result = api.prune(lm, tok, method=job.method, pattern=job.pattern, calibration=drawn_from, calib_tokens=tokens,
                        device=job.run.device, batch_size=job.run.batch_size, data_dir=ddir,
@@ -157,7 +161,8 @@ def run_prune(job: PruneJob, world) -> Outcome | None:
     if not world.is_main:  # every rank holds the same pruned model; rank 0 evaluates, reports and saves it
         return None
     pruned = evaluate("pruned")
-    times = {"load_s": load_s, "calib_data_s": calib_data_s, "prune_s": result.prune_s, "startup_s": startup_s}
+    times = {"load_s": load_s, "calib_data_s": calib_data_s, "place_s": place_s, "prune_s": result.prune_s,
+             "startup_s": startup_s}
     return finish(job, lm, tok, info, result, (dense, pruned), evaluate.seconds, times, work, in_place,
                   placement, world, where)
 
@@ -173,8 +178,7 @@ def finish(job: PruneJob, lm, tok, info, result, evaluations, eval_s: float, tim
     save_s = result.save_s + time.perf_counter() - t0
     t0 = time.perf_counter()
     weights_sha = integrity.state_sha256(lm, result.tensor_sha256) if placement is None else None
-    times = {"load_s": times["load_s"], "calib_data_s": times["calib_data_s"], "prune_s": times["prune_s"],
-             "eval_s": eval_s, "save_s": save_s, "hash_s": time.perf_counter() - t0, "startup_s": times["startup_s"]}
+    times = {**times, "eval_s": eval_s, "save_s": save_s, "hash_s": time.perf_counter() - t0}
     payload = report_mod.build_report(
         model=info, result=result, device=job.run.device, dtype=job.run.dtype, times=times,
         peak=devices.peak_memory_bytes(), dense_ppl=dense_ppl, pruned_ppl=pruned_ppl, eval_settings=job.eval,
