@@ -53,3 +53,15 @@ def test_hub_id_and_paths():
         loading.resolve_source("./missing-folder")
     with pytest.raises(UsageError, match="no such GGUF file"):
         loading.resolve_source("missing.gguf")
+
+
+def test_prefetch_asks_for_a_folders_weight_files_only(tmp_path):
+    """The page-cache hint covers the weight files of a local folder, and nothing for a hub id or a GGUF file."""
+    from llmprune.loading import prefetch
+
+    (tmp_path / "model-00001.safetensors").write_bytes(b"\0" * 1000)
+    (tmp_path / "model-00002.safetensors").write_bytes(b"\0" * 24)
+    (tmp_path / "config.json").write_text("{}")
+    assert prefetch(str(tmp_path)) == 1024
+    assert prefetch("someone/some-model") == 0
+    assert prefetch(str(tmp_path / "model-00001.safetensors")) == 0

@@ -128,8 +128,10 @@ class Evaluator:
 def run_prune(job: PruneJob, world) -> Outcome | None:
     """The whole `llmprune prune`; None on the torchrun ranks other than 0 (rank 0 evaluates, saves, reports)."""
     startup_s = report_mod.process_age_s()  # interpreter, imports and parsing, before any of this run's work
-    cuda_ready = devices.start_cuda(job.run.device)  # overlaps the model's read from disk
     ddir = preflight(job)
+    if not job.run.stream_from_disk:
+        loading.prefetch(job.model)  # the kernel reads the weights from disk while CUDA starts
+    cuda_init_s = devices.start_cuda(job.run.device)
     devices.reset_peak_memory()
     t0 = time.perf_counter()
     lm, tok, info, placement = load(job, job.run.progress and world.is_main)
@@ -147,11 +149,10 @@ def run_prune(job: PruneJob, world) -> Outcome | None:
     if evaluate.active:
         lm.to("cpu")
     t0 = time.perf_counter()
-    cuda_ready()
     where = "streamed" if placement is not None else place_weights(
         lm, job.run.weights, job.run.device, tokens, job.run.batch_size, job.method.needs, job.run.activations,
         api.work_bytes(job.method))
-    place_s = time.perf_counter() - t0  # what is left of starting CUDA, and the weights' copy to the GPU
+    place_s = time.perf_counter() - t0  # the weights' copy to the GPU
     work = checkpoint.work_dir_for(job.save.out) if job.save.out is not None else None
     result = api.prune(lm, tok, method=job.method, pattern=job.pattern, calibration=drawn_from, calib_tokens=tokens,
                        device=job.run.device, batch_size=job.run.batch_size, data_dir=ddir,
@@ -161,7 +162,7 @@ def run_prune(job: PruneJob, world) -> Outcome | None:
     if not world.is_main:  # every rank holds the same pruned model; rank 0 evaluates, reports and saves it
         return None
     pruned = evaluate("pruned")
-    times = {"load_s": load_s, "calib_data_s": calib_data_s, "place_s": place_s, "prune_s": result.prune_s,
+    times = {"load_s": load_s, "calib_data_s": calib_data_s, "cuda_init_s": cuda_init_s, "place_s": place_s, "prune_s": result.prune_s,
              "startup_s": startup_s}
     return finish(job, lm, tok, info, result, (dense, pruned), evaluate.seconds, times, work, in_place,
                   placement, world, where)
