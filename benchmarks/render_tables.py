@@ -370,9 +370,10 @@ def cli_e2e_model_table(path: Path) -> str:
             f"forward passes {f['forward']['seconds']:.1f} s, reading the model {f['read']['model_s']:.1f} s, writing it "
             f"{f['write']['model_s']:.1f} s.\n\n")
     placed = any("place_s" in (x.get("time") or {}) for x in r["rows"])
-    keys = ("startup_s", "load_s", *(("place_s",) if placed else ()), "prune_s", "save_s", "hash_s")
-    lines = ["| run | wall (s) | start-up | load | " + ("place | " if placed else "") + "prune | save | hash | "
-             "prune / forward floor | wall / total floor | peak RSS (GB) | written / output |",
+    keys = ("startup_s", *(("cuda_init_s",) if placed else ()), "load_s", *(("place_s",) if placed else ()),
+            "prune_s", "save_s", "hash_s")
+    lines = ["| run | wall (s) | start-up | " + ("CUDA | " if placed else "") + "load | " + ("place | " if placed else "")
+             + "prune | save | hash | prune / forward floor | wall / total floor | peak RSS (GB) | written / output |",
              "|---|" + "---:|" * (len(keys) + 5)]
     for x in r["rows"]:
         t = x.get("time") or {}
@@ -402,6 +403,43 @@ def alps_table(path: Path) -> str:
     return head + "\n".join(lines)
 
 
+def perm_gather_table(path: Path) -> str:
+    """benchmarks/perm_gather.py: the --permute gather against the 2:4 matmul alone, CUDA-graph replay."""
+    r = json.loads(path.read_text())
+    head = (f"{r['device']} ({r['dtype']}, torch {r['versions']['torch']}), CUDA-graph replay, {r['reps']} reps; ms per "
+            f"call; gather share = gathered / sparse - 1.\n\n")
+    lines = ["| Linear (out x in) | tokens | dense | 2:4 | 2:4 with gather | gather share |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for x in r["rows"]:
+        g = x.get("graph") or x["eager"]
+        lines.append(f"| {x['out']} x {x['in']} | {x['tokens']} | {g['dense_ms']:.3f} | {g['sparse_ms']:.3f} | "
+                     f"{g['gathered_ms']:.3f} | {100 * g['gather_share']:+.0f}% |")
+    return head + "\n".join(lines)
+
+
+def prune_time_gpu_table(path: Path) -> str:
+    """benchmarks/prune_time_gpu.py: per-Linear ALPS against SparseGPT at 7B shapes, and the N:M selection."""
+    r = json.loads(path.read_text())
+    a = r["alps"]
+    head = (f"{r['device']}, torch {r['versions']['torch']}; random weights, Hessians of {a['tokens']} correlated random "
+            f"tokens; one call each after a warm-up.\n\n")
+    lines = ["| Linear (out x in) | pattern | SparseGPT (s) | ALPS (s) | ALPS / SparseGPT | output error SparseGPT "
+             "| output error ALPS |", "|---|---|---:|---:|---:|---:|---:|"]
+    for x in a["rows"]:
+        lines.append(f"| {x['shape'][0]} x {x['shape'][1]} | {x['pattern']} | {x['sparsegpt_s']:.3f} | {x['alps_s']:.3f} | "
+                     f"{x['alps_s'] / x['sparsegpt_s']:.1f}x | {x['sparsegpt_error']:.3f} | {x['alps_error']:.3f} |")
+    proj = a["projected_model_s"]
+    model = "; ".join(f"{p}: SparseGPT {proj[p + ' sparsegpt']:.0f} s, ALPS {proj[p + ' alps']:.0f} s"
+                      for p in dict.fromkeys(k.rsplit(" ", 1)[0] for k in proj))
+    sel = ["| Linear (out x in) | 2:4 by stable sort (ms) | 2:4 by comparison ranks (ms) | masks equal |",
+           "|---|---:|---:|---|"]
+    for x in r.get("select", []):
+        sel.append(f"| {x['shape'][0]} x {x['shape'][1]} | {x['nm_sort_ms']:.2f} | {x['nm_rank_ms']:.2f} | "
+                   f"{x['masks_equal']} |")
+    return (head + "\n".join(lines) + f"\n\n32 blocks of these Linears (4 + 2 + 1 per block), the pruning maths alone: "
+            f"{model}.\n\n" + "\n".join(sel))
+
+
 if __name__ == "__main__":
     for name, fn in [("paper_table_smollm2.json", paper_table), ("prune_time_smollm2.json", prune_time_table),
                      ("gpu_check_h200.json", gpu_table), ("gpu_scale_h200.json", gpu_scale_table),
@@ -412,7 +450,8 @@ if __name__ == "__main__":
                      ("beyond_wanda_smollm2.json", beyond_table), ("beyond_wanda_gemma3.json", beyond_table),
                      ("zero_shot_smollm2.json", zero_shot_table),
                      ("cli_e2e_smollm2_cpu.json", cli_e2e_real_table), ("cli_e2e_h200.json", cli_e2e_model_table),
-                     ("cli_e2e_h200_auto.json", cli_e2e_model_table),
+                     ("cli_e2e_h200_cuda_side_thread.json", cli_e2e_model_table),
+                     ("perm_gather_h200.json", perm_gather_table), ("prune_time_h200.json", prune_time_gpu_table),
                      ("cli_e2e_smollm2_h200.json", cli_e2e_real_table), ("alps_smollm2.json", alps_table)]:
         if (RESULTS / name).is_file():
             print(f"<!-- {name} -->\n{fn(RESULTS / name)}\n")
