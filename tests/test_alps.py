@@ -104,3 +104,29 @@ def test_the_memory_estimate_counts_alps_working_memory():
     base, alps = memory.estimate(*args), memory.estimate(*args, ALPS.work_bytes)
     extra = (ALPS.work_bytes[0] - 8) * rows * cols + (ALPS.work_bytes[1] - 12) * cols * cols
     assert alps.parts["statistics"] - base.parts["statistics"] == extra
+
+
+def test_permuted_alps_is_nm_in_its_recorded_order_and_keeps_what_a_fixed_order_cannot():
+    # with an identity Hessian ALPS keeps the largest |W| the pattern allows. In the stored order the four large
+    # weights share one group of 4, so 2:4 keeps 9, 8 and two 1s; reordered, two large ones sit in each group
+    w = torch.tensor([[9.0, 8.0, 7.0, 6.0, 1.0, 1.0, 1.0, 1.0]])
+    h = Hessian(8, torch.device("cpu"))
+    h.add(torch.eye(8))
+    plain = ALPS().prune_ordered(w, {"hessian": h}, NM(2, 4))
+    permuted = ALPS(permute=True).prune_ordered(w, {"hessian": h}, NM(2, 4))
+    assert plain.perm is None and sorted(w[plain.keep].tolist()) == [1.0, 1.0, 8.0, 9.0]
+    assert permuted.perm is not None and sorted(permuted.perm.tolist()) == list(range(8))
+    groups = permuted.keep[:, permuted.perm].reshape(-1, 4)
+    assert torch.equal(groups.sum(1), torch.tensor([2, 2]))  # exactly 2:4 in the recorded order
+    assert sorted(w[permuted.keep].tolist()) == [6.0, 7.0, 8.0, 9.0]
+    assert torch.allclose(permuted.weight, w * permuted.keep, atol=1e-5)
+
+
+def test_permute_changes_nothing_for_unstructured_alps_and_alps_accepts_it():
+    w, x, stats = layer_problem()
+    plain = ALPS().prune_ordered(w, stats, Unstructured(0.5))
+    permuted = ALPS(permute=True).prune_ordered(w, stats, Unstructured(0.5))
+    assert permuted.perm is None and torch.equal(plain.keep, permuted.keep)  # no order without groups
+    from llmprune.methods import permutable_names
+
+    assert "alps" in permutable_names()

@@ -134,8 +134,8 @@ def order_from_text(text: str, cols: int) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class Permute:
-    """The modifier ``--permute``: a score method chooses its N:M masks on input channels reordered so that more
-    score survives (``permuted_nm_select``; the method's ``permute`` field switches it on)."""
+    """The modifier ``--permute``: a score method (or ALPS) chooses its N:M masks on input channels reordered so
+    that more score survives (``permuted_nm_select``; the method's ``permute`` field switches it on)."""
 
     kind: ClassVar[str] = "permute"
 

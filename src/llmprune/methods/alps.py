@@ -30,7 +30,8 @@ from typing import ClassVar, Mapping
 
 import torch
 
-from ..patterns import Pattern, Scope, select
+from ..patterns import NM, Pattern, Scope, select
+from .base import Pruned
 
 
 @dataclass(frozen=True)
@@ -47,30 +48,47 @@ class ALPS:
     switch_iter: int = 30
     cg_iters: int = 10
     damp: float = 0.01
+    permute: bool = False
+    """N:M only (``--permute``, not in the paper): the groups of M are taken in an input order chosen once from
+    |B0| = |W0| S (``permute.nm_permutation``), so the projection keeps more of B; ADMM and CG are unchanged."""
 
     def prune(self, weight: torch.Tensor, stats: Mapping[str, object], pattern: Pattern):
+        pruned = self.prune_ordered(weight, stats, pattern)
+        return pruned.weight, pruned.keep
+
+    def prune_ordered(self, weight: torch.Tensor, stats: Mapping[str, object], pattern: Pattern) -> Pruned:
         hn, scale, vals, vecs = conditioned(stats["hessian"], self.damp)
         w0 = weight.to(torch.float32) * scale.unsqueeze(0)  # B0
-        target = w0 @ hn  # B0 Hn
-        b, keep = self.admm(w0, target, vals, vecs, pattern)
-        b = support_cg(hn, target, b, keep, self.cg_iters)
-        return (b / scale.unsqueeze(0)).to(weight.dtype), keep
+        perm = None
+        if self.permute and isinstance(pattern, NM):
+            from ..permute import nm_permutation
 
-    def project(self, b: torch.Tensor, pattern: Pattern) -> tuple[torch.Tensor, torch.Tensor]:
-        keep = select(b.pow(2), pattern, self.default_scope)
+            perm = nm_permutation(w0.abs(), pattern).to(w0.device)
+        target = w0 @ hn  # B0 Hn
+        b, keep = self.admm(w0, target, vals, vecs, pattern, perm)
+        b = support_cg(hn, target, b, keep, self.cg_iters)
+        return Pruned((b / scale.unsqueeze(0)).to(weight.dtype), keep, perm)
+
+    def project(self, b: torch.Tensor, pattern: Pattern, perm: torch.Tensor | None = None):
+        """(B on the pattern, its mask): the largest squares kept; N:M groups in ``perm``'s order where given."""
+        if perm is None:
+            keep = select(b.pow(2), pattern, self.default_scope)
+        else:
+            keep = torch.empty_like(b, dtype=torch.bool)
+            keep[:, perm] = select(b[:, perm].pow(2), pattern)
         return b * keep, keep
 
-    def admm(self, b0, target, vals, vecs, pattern) -> tuple[torch.Tensor, torch.Tensor]:
+    def admm(self, b0, target, vals, vecs, pattern, perm=None) -> tuple[torch.Tensor, torch.Tensor]:
         """The ADMM iterations (module docstring, step 2); the final iterate projected, and its mask."""
         rho, grown = self.rho, False
-        d0, keep = self.project(b0, pattern)
+        d0, keep = self.project(b0, pattern, perm)
         b, d, v = b0, d0, torch.zeros_like(b0)
         kept = int(keep.sum())
         inv = inverse_plus(vals, vecs, rho)
         previous = keep
         for step in range(self.max_iter):
             b = (target - v + rho * d) @ inv
-            d, keep = self.project(b + v / rho, pattern)
+            d, keep = self.project(b + v / rho, pattern, perm)
             v = v + rho * (b - d)
             if (step + 1) % self.update_iter:
                 continue
@@ -84,12 +102,12 @@ class ALPS:
             inv = inverse_plus(vals, vecs, rho)
             if step >= self.switch_iter and changed / max(kept, 1) < 3e-4:
                 break
-        return self.project(b, pattern)
+        return self.project(b, pattern, perm)
 
     def settings(self) -> dict:
         return {"default_scope": self.default_scope, "rho": self.rho, "max_iter": self.max_iter,
                 "update_iter": self.update_iter, "switch_iter": self.switch_iter, "cg_iters": self.cg_iters,
-                "damp": self.damp}
+                "damp": self.damp, "permute": self.permute}
 
 
 def next_rho(rho: float, grown: bool, share: float, changed: int) -> tuple[float, bool, bool, bool]:
