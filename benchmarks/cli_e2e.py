@@ -14,7 +14,8 @@ are measured in the same run, after a warm-up:
     python benchmarks/cli_e2e.py real --model smollm2-135m --device cpu --out ...           # --out against none
     CLI_E2E_TINY=1 python benchmarks/cli_e2e.py model --device cpu --out /tmp/e2e.json      # dry run on a CPU
 
-Runs are named method/pattern/placement/output: placement ``gpu`` (the whole model on the GPU,
+Runs are named method/pattern/placement/output[/K]: K processes under torchrun (one GPU each), one without it;
+placement ``gpu`` (the whole model on the GPU,
 ``--weights gpu``), ``auto`` (``--weights auto``, the default), ``offload`` (the model in CPU memory, each block visiting the GPU, ``--weights cpu``)
 or ``stream`` (``--stream-from-disk``); output ``out`` (``--out DIR``) or ``none``.
 """
@@ -248,8 +249,9 @@ class Watch:
 
 def cli_command(spec: str, model: str, tokens: Path, out: Path | None, report: Path, batch: int, device: str,
                 dtype: str, extra: list[str]) -> list[str]:
-    method, pattern, placement, output = spec.split("/")
-    cmd = [sys.executable, "-m", "llmprune", "prune", "--model", model, "--method", method, "--pattern", pattern,
+    method, pattern, placement, output, *procs = spec.split("/")
+    launch = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", procs[0]] if procs else []
+    cmd = [sys.executable, *launch, "-m", "llmprune", "prune", "--model", model, "--method", method, "--pattern", pattern,
            "--calib-tokens", str(tokens), "--device", device, "--dtype", dtype, "--batch-size", str(batch),
            "--eval", "", "--report", str(report), "--no-progress", *extra]
     if placement == "gpu":
@@ -314,7 +316,7 @@ def ratios(row: dict, floors: dict) -> dict:
     if fwd and "prune_s" in t:
         out["prune_over_forward_floor"] = t["prune_s"] / fwd
     if fwd and "read" in floors:
-        total = fwd + floors["read"]["model_s"] + (floors["write"]["model_s"] if row["run"].endswith("/out") else 0)
+        total = fwd + floors["read"]["model_s"] + (floors["write"]["model_s"] if row["run"].split("/")[3] == "out" else 0)
         out["wall_over_total_floor"] = row["wall_s"] / total
         out["total_floor_s"] = total
         if "startup" in floors:  # the same with a process's start-up (imports, CUDA) counted in the floor
@@ -372,7 +374,9 @@ def model_part(args) -> None:
         run = run_cli(cmd, env_for(args.threads))
         rep = json.loads(report.read_text()) if report.is_file() else None
         row = row_of(spec, run, rep, out)
-        row.update(page_cache_dropped=cold, command=" ".join(["llmprune", *cmd[3:]]), **ratios(row, floors))
+        shown = cmd[cmd.index("llmprune") + 1:]
+        row.update(page_cache_dropped=cold, command=" ".join(["llmprune", *shown]), processes=int(
+            (spec.split("/")[4:] or ["1"])[0]), **ratios(row, floors))
         result["rows"] = [r for r in result["rows"] if r["run"] != spec] + [row]
         print(json.dumps({k: row.get(k) for k in ("run", "rc", "wall_s", "time", "prune_over_forward_floor",
                                                  "wall_over_total_floor", "peak_rss_bytes", "polled_write_bytes",

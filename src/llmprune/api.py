@@ -220,7 +220,8 @@ def _run_blocks(model, method, pattern, tokens, device, batch_size, progress, bl
         try:
             layers = prune_blocks(model, method, pattern, tokens, device, batch_size, progress, block_patterns,
                                   checkpoint=checkpoint, offload_activations=offload,
-                                  reduce_statistics=distributed.reducer(world), placement=placement)
+                                  reduce_statistics=distributed.reducer(world), placement=placement,
+                                  share_layers=distributed.layer_share(world))
         except BaseException as exc:
             if checkpoint is not None:
                 checkpoint.close(quiet=True)

@@ -114,6 +114,10 @@ class StatisticsCollector:
             raise RuntimeError(f"layer {name} received no calibration input; it cannot be pruned with statistics")
         return self.stats[owner]
 
+    def input_of(self, name: str) -> str:
+        """The Linear whose input statistics ``name`` reads (itself unless it shares another's input)."""
+        return self._shared_with.get(name, name)
+
     def groups(self) -> dict[str, list[str]]:
         out: dict[str, list[str]] = {}
         for name, owner in self._shared_with.items():

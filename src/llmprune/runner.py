@@ -148,6 +148,7 @@ def prune_blocks(
     offload_activations: bool = False,
     reduce_statistics=None,
     placement: Placement | None = None,
+    share_layers=None,
 ) -> list[LayerResult]:
     """Prune every decoder block's Linear layers in place; embeddings and lm_head are untouched.
 
@@ -160,6 +161,7 @@ def prune_blocks(
     ``reduce_statistics(collector)``, if given, combines each block's statistics with other
     processes' (see ``distributed``) before any Linear is pruned. ``placement`` brings each block to
     the device and takes it back (default ``InMemory``; ``streaming.DiskBlocks`` reads them from files).
+    ``share_layers`` (``distributed.LayerShare``), if given, prunes each Linear on one process and shares it.
     """
     placement = placement or InMemory()
     blocks = find_decoder(model)[1]
@@ -177,7 +179,7 @@ def prune_blocks(
         placement.load(index, block, device)
         block_pattern = pattern if block_patterns is None else block_patterns[index]
         results += _prune_block(block, index, names[id(block)], method, block_pattern, hidden, _calls_of(calls, index),
-                                reduce_statistics, propagate=index < len(blocks) - 1)
+                                (reduce_statistics, share_layers), propagate=index < len(blocks) - 1)
         if checkpoint is not None:
             checkpoint.save(index, block, names[id(block)], [r.to_record() for r in results], len(blocks))
         placement.release(index, block)
@@ -215,10 +217,12 @@ def _restored_results(records: list[dict], checkpoint) -> list[LayerResult]:
                          "folder to start again") from None
 
 
-def _prune_block(block, index: int, prefix: str, method, pattern, hidden, block_calls, reduce_statistics,
+def _prune_block(block, index: int, prefix: str, method, pattern, hidden, block_calls, processes,
                  propagate: bool) -> list[LayerResult]:
     """Statistics of one block's Linears over its inputs, each Linear pruned, then (``propagate``) the pruned
-    block's outputs in place of ``hidden``: the next block's inputs."""
+    block's outputs in place of ``hidden``: the next block's inputs. ``processes``: (``reduce_statistics``,
+    ``share_layers``) of ``prune_blocks``."""
+    reduce_statistics, share_layers = processes
     dtype = next(block.parameters()).dtype
     layers = prunable_layers(block)
     collector = None
@@ -227,13 +231,23 @@ def _prune_block(block, index: int, prefix: str, method, pattern, hidden, block_
             _run_block(block, hidden, block_calls, collector=collector)
         if reduce_statistics is not None:
             reduce_statistics(collector)
-    results = [_prune_layer(method, pattern, layer, collector, name, f"{prefix}.{name}", index, dtype)
-               for name, layer in layers.items()]
+    def prune_one(name: str) -> LayerResult:
+        return _prune_layer(method, pattern, layers[name], collector, name, f"{prefix}.{name}", index, dtype)
+
+    if share_layers is None:
+        results = [prune_one(name) for name in layers]
+    else:
+        results = share_layers(layers, prune_one, tuple(method.needs), lambda name: _input_key(collector, name))
     del collector
     if method.needs and propagate:  # the last block's outputs feed nothing we prune
         _run_block(block, hidden, block_calls)
         check_finite(hidden, f"the output of block {index} ({prefix})", dtype)
     return results
+
+
+def _input_key(collector, name: str) -> str:
+    """Which statistic a Linear reads: Linears fed by the same input share it (and its factorisation)."""
+    return collector.input_of(name) if collector is not None else name
 
 
 def _calls_of(calls: dict[int, list[BlockCall]], index: int) -> dict[int, BlockCall]:
