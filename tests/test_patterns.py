@@ -81,3 +81,13 @@ def test_m_must_divide_width():
     with pytest.raises(UsageError, match="does not divide the input width 30"):
         check_fits(NM(2, 4), 30, "layer")
     check_fits(NM(2, 4), 32, "layer")
+
+
+def test_parse_pattern_scope():
+    assert parse_pattern("unstructured", 0.5, "matrix") == Unstructured(0.5, "matrix")
+    assert parse_pattern("unstructured", 0.5, " Row ") == Unstructured(0.5, "row")
+    assert parse_pattern("unstructured", 0.5) == Unstructured(0.5, None)
+    with pytest.raises(UsageError, match="--scope must be row or matrix, got 'rows'; e.g. --scope matrix"):
+        parse_pattern("unstructured", 0.5, "rows")
+    with pytest.raises(UsageError, match="--scope applies to unstructured sparsity; drop --scope with --pattern 2:4"):
+        parse_pattern("2:4", scope="row")
