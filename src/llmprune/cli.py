@@ -164,23 +164,22 @@ def prune(
 ) -> None:
     """Prune a model in one shot, evaluating it before and after.
 
-    With --out, the output is built in a hidden sibling folder, one shard per block written as the
-    run goes; that is also the saved progress: running the same command again after a crash or
-    Ctrl-C continues from the last finished block (streamed and torchrun runs too).
-    Under `torchrun --nproc-per-node K -m llmprune prune ...` the calibration batches are split over
-    the K processes (one GPU each) and their statistics summed; rank 0 evaluates, reports and saves.
+    With --out, the output is built in a hidden sibling folder, one shard per block written as the run goes: the
+    saved progress; the same command again after a crash or Ctrl-C continues from the last finished block (streamed
+    and torchrun runs too). Under `torchrun --nproc-per-node K -m llmprune prune ...` the calibration batches are
+    split over the K processes (one GPU each), their statistics summed; rank 0 evaluates, reports and saves.
     """
     from .job import PruneJob
 
     _run_prune(device, lambda world, dev: PruneJob.from_flags(
-        model=model, method=method, sparsity=sparsity, pattern=pattern, scope=scope, layerwise=layerwise,
-        owl_m=owl_m, owl_lambda=owl_lambda, owl_variant=owl_variant, permute=permute, update=update, refine=refine,
-        dsnot_cycles=dsnot_cycles, dsnot_threshold=dsnot_threshold, dsnot_variant=dsnot_variant, calib=calib, nsamples=nsamples, seqlen=seqlen, seed=seed,
-        calib_tokens=calib_tokens, device=dev, dtype=dtype, batch_size=batch_size, activations=activations,
-        weights=weights, stream_from_disk=stream_from_disk, eval_sets=eval_sets, eval_seqlen=eval_seqlen,
-        max_eval_windows=max_eval_windows, eval_tasks=eval_tasks, limit=limit, eval_batch_size=eval_batch_size,
-        out=out, overwrite=overwrite, format=format, report=report, data_dir=data_dir,
-        trust_remote_code=trust_remote_code, progress=progress, evaluates=world.is_main))
+        model=model, method=method, sparsity=sparsity, pattern=pattern, scope=scope, layerwise=layerwise, owl_m=owl_m,
+        owl_lambda=owl_lambda, owl_variant=owl_variant, permute=permute, update=update, refine=refine,
+        dsnot_cycles=dsnot_cycles, dsnot_threshold=dsnot_threshold, dsnot_variant=dsnot_variant, calib=calib,
+        nsamples=nsamples, seqlen=seqlen, seed=seed, calib_tokens=calib_tokens, device=dev, dtype=dtype,
+        batch_size=batch_size, activations=activations, weights=weights, stream_from_disk=stream_from_disk,
+        eval_sets=eval_sets, eval_seqlen=eval_seqlen, max_eval_windows=max_eval_windows, eval_tasks=eval_tasks,
+        limit=limit, eval_batch_size=eval_batch_size, out=out, overwrite=overwrite, format=format, report=report,
+        data_dir=data_dir, trust_remote_code=trust_remote_code, progress=progress, evaluates=world.is_main))
 
 
 def _run_prune(device: str, make_job) -> None:
