@@ -16,11 +16,11 @@ Two variants (``DSnoT.variant``) differ in the rest:
 - "llmprune": S_j = E[x_j], the mean per token (the threshold is per token, looser by the window length);
   N:M prunes as unstructured does, within the grown weight's group; a swap is made only if it lowers |eps|, so
   no row's |eps| grows.
-Either way a row stops at its first swap refused, once |eps| <= threshold, or after ``cycles`` swaps, or when
-it has no candidate left. So each row keeps its number of weights (each group its N), and a weight moves at most
-once: grown weights were pruned by the method, pruned ones were kept by it. All rows of a weight advance
-together; the only loop is over cycles. (The DSnoT code by default refines only the attention Linears,
-``--skip_layer mlp``; here every Linear is refined.)
+Either way a row stops at its first swap refused, once |eps| <= threshold, after ``cycles`` swaps, or when it
+has no candidate left (where the DSnoT code goes on with other weights). So each row keeps its number of weights
+(each group its N), and a weight moves at most once: grown weights were pruned by the method, pruned ones were
+kept by it. All rows of a weight advance together; the only loop is over cycles. (The DSnoT code by default
+refines only the attention Linears, ``--skip_layer mlp``; here every Linear is refined.)
 """
 
 from __future__ import annotations
