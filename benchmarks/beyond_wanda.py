@@ -7,6 +7,11 @@ OWL M = 5, lambda = 0.08; RIA a = 0.5; update: 1% dampening, 20 conjugate-gradie
 threshold 0.1 (recorded in each row's settings, the protocol predates them). Every run
 starts from freshly loaded weights with the same calibration tokens and evaluation windows.
 
+DSnoT and OWL run as their papers' code does (``--dsnot-variant paper``, ``--owl-variant paper``) and, in rows
+named "..., llmprune", by this library's earlier rules; RIA's unstructured rows compare over the whole matrix
+(its code's default) and, in "ria, row", within each row. Rows recorded before these options existed ran the
+llmprune rules; ``relabel`` names them so (``--relabel-only`` rewrites a JSON that way and runs nothing).
+
 Runs go in priority order; the JSON is rewritten after every row, and a rerun with the same --out and
 protocol skips the rows already there (so a partial run is usable and can be continued).
 
@@ -26,36 +31,43 @@ import torch
 from llmprune import api, data, devices, loading, report
 from llmprune.config import Calibration
 from llmprune.evaluate import perplexity, windows_of
+from llmprune.layerwise import OWL
+from llmprune.methods import DSnoT
+
+PAPER_DSNOT = {"refine": "dsnot", "dsnot_variant": "paper"}
+OURS_DSNOT = {"refine": "dsnot", "dsnot_variant": "llmprune"}
+PAPER_OWL = {"layerwise": "owl", "owl_variant": "paper"}
+OURS_OWL = {"layerwise": "owl", "owl_variant": "llmprune"}
 
 # (label, method, pattern, sparsity, options) in priority order
 RUNS = [
     ("wanda", "wanda", "unstructured", 0.7, {}),
-    ("owl+wanda", "wanda", "unstructured", 0.7, {"layerwise": "owl"}),
+    ("owl+wanda, llmprune", "wanda", "unstructured", 0.7, OURS_OWL),
     ("wanda", "wanda", "2:4", None, {}),
     ("sparsegpt", "sparsegpt", "2:4", None, {}),
     ("ria+perm+lsq", "ria", "2:4", None, {"permute": True, "update": "lsq"}),
     ("ria+perm", "ria", "2:4", None, {"permute": True}),
     ("wanda+lsq", "wanda", "2:4", None, {"update": "lsq"}),
     ("wanda", "wanda", "unstructured", 0.5, {}),
-    ("owl+wanda", "wanda", "unstructured", 0.5, {"layerwise": "owl"}),
+    ("owl+wanda, llmprune", "wanda", "unstructured", 0.5, OURS_OWL),
     ("wanda", "wanda", "unstructured", 0.6, {}),
-    ("owl+wanda", "wanda", "unstructured", 0.6, {"layerwise": "owl"}),
+    ("owl+wanda, llmprune", "wanda", "unstructured", 0.6, OURS_OWL),
     ("sparsegpt", "sparsegpt", "unstructured", 0.7, {}),
     ("ria", "ria", "2:4", None, {}),
     ("wanda", "wanda", "4:8", None, {}),
     ("ria+perm+lsq", "ria", "4:8", None, {"permute": True, "update": "lsq"}),
     ("sparsegpt", "sparsegpt", "4:8", None, {}),
-    ("owl+sparsegpt", "sparsegpt", "unstructured", 0.7, {"layerwise": "owl"}),
+    ("owl+sparsegpt, llmprune", "sparsegpt", "unstructured", 0.7, OURS_OWL),
     ("sparsegpt", "sparsegpt", "unstructured", 0.5, {}),
     ("sparsegpt", "sparsegpt", "unstructured", 0.6, {}),
     ("ria+perm", "ria", "4:8", None, {"permute": True}),
-    ("wanda+dsnot", "wanda", "unstructured", 0.7, {"refine": "dsnot"}),
-    ("wanda+dsnot", "wanda", "2:4", None, {"refine": "dsnot"}),
-    ("wanda+dsnot", "wanda", "unstructured", 0.5, {"refine": "dsnot"}),
-    ("ria+perm+dsnot", "ria", "2:4", None, {"permute": True, "refine": "dsnot"}),
-    ("wanda+dsnot", "wanda", "unstructured", 0.6, {"refine": "dsnot"}),
-    ("wanda+dsnot", "wanda", "4:8", None, {"refine": "dsnot"}),
-    ("owl+wanda+lsq", "wanda", "unstructured", 0.7, {"layerwise": "owl", "update": "lsq"}),
+    ("wanda+dsnot, llmprune", "wanda", "unstructured", 0.7, OURS_DSNOT),
+    ("wanda+dsnot, llmprune", "wanda", "2:4", None, OURS_DSNOT),
+    ("wanda+dsnot, llmprune", "wanda", "unstructured", 0.5, OURS_DSNOT),
+    ("ria+perm+dsnot, llmprune", "ria", "2:4", None, {"permute": True, **OURS_DSNOT}),
+    ("wanda+dsnot, llmprune", "wanda", "unstructured", 0.6, OURS_DSNOT),
+    ("wanda+dsnot, llmprune", "wanda", "4:8", None, OURS_DSNOT),
+    ("owl+wanda+lsq, llmprune", "wanda", "unstructured", 0.7, {**OURS_OWL, "update": "lsq"}),
     ("wanda+lsq", "wanda", "unstructured", 0.7, {"update": "lsq"}),
     ("wanda-variant", "wanda-variant", "unstructured", 0.7, {}),
     ("magnitude", "magnitude", "unstructured", 0.7, {}),
@@ -64,11 +76,54 @@ RUNS = [
     ("wanda-variant", "wanda-variant", "unstructured", 0.5, {}),
     ("magnitude", "magnitude", "unstructured", 0.6, {}),
     ("magnitude", "magnitude", "4:8", None, {}),
+    # the papers' rules (DSnoT, OWL) and RIA's scopes, side by side with the rows above
+    ("wanda+dsnot", "wanda", "unstructured", 0.7, PAPER_DSNOT),
+    ("owl+wanda", "wanda", "unstructured", 0.7, PAPER_OWL),
+    ("wanda+dsnot", "wanda", "2:4", None, PAPER_DSNOT),
+    ("ria", "ria", "unstructured", 0.7, {"scope": "matrix"}),
+    ("ria, row", "ria", "unstructured", 0.7, {"scope": "row"}),
+    ("wanda+dsnot", "wanda", "unstructured", 0.5, PAPER_DSNOT),
+    ("owl+wanda", "wanda", "unstructured", 0.5, PAPER_OWL),
+    ("ria", "ria", "unstructured", 0.5, {"scope": "matrix"}),
+    ("ria, row", "ria", "unstructured", 0.5, {"scope": "row"}),
+    ("wanda+dsnot", "wanda", "unstructured", 0.6, PAPER_DSNOT),
+    ("owl+wanda", "wanda", "unstructured", 0.6, PAPER_OWL),
+    ("ria", "ria", "unstructured", 0.6, {"scope": "matrix"}),
+    ("ria, row", "ria", "unstructured", 0.6, {"scope": "row"}),
+    ("ria+perm+dsnot", "ria", "2:4", None, {"permute": True, **PAPER_DSNOT}),
+    ("wanda+dsnot", "wanda", "4:8", None, PAPER_DSNOT),
+    ("owl+sparsegpt", "sparsegpt", "unstructured", 0.7, PAPER_OWL),
+    ("owl+wanda+lsq", "wanda", "unstructured", 0.7, {**PAPER_OWL, "update": "lsq"}),
 ]
 
 
 def cell(pattern: str, sparsity: float | None) -> str:
     return f"{round(100 * sparsity)}%" if pattern == "unstructured" else pattern
+
+
+def prune_options(options: dict) -> dict:
+    """A row's options (JSON: strings) as ``api.prune`` keywords: the variants become option objects."""
+    out = {k: v for k, v in options.items() if k not in ("dsnot_variant", "owl_variant")}
+    if "dsnot_variant" in options:
+        out["refine"] = DSnoT(variant=options["dsnot_variant"])
+    if "owl_variant" in options:
+        out["layerwise"] = OWL(variant=options["owl_variant"])
+    return out
+
+
+def relabel(rows: list[dict]) -> int:
+    """Rows recorded before ``--dsnot-variant`` / ``--owl-variant`` existed ran the llmprune rules (their settings
+    lack the variant): name them "..., llmprune" and record the option that reproduces them. Returns how many."""
+    changed = 0
+    for row in rows:
+        settings, options = row.get("settings", {}), row.get("options", {})
+        for key, flag in (("dsnot_variant", "refine"), ("owl_variant", "layerwise")):
+            if flag in options and key not in settings and key not in options:
+                options[key] = "llmprune"
+                if not row["label"].endswith(", llmprune"):
+                    row["label"] += ", llmprune"
+                changed += 1
+    return changed
 
 
 def main() -> None:
@@ -85,8 +140,15 @@ def main() -> None:
                     help="windows per forward in evaluation (default 4096 tokens' worth; lower it for large "
                          "vocabularies, whose logits dominate memory)")
     ap.add_argument("--max-runs", type=int, default=None, help="stop after this many new rows")
+    ap.add_argument("--relabel-only", action="store_true", help="name the rows of --out recorded before the "
+                    "variant options existed (``relabel``), write it back and run nothing")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
+    if args.relabel_only:
+        result = json.loads(Path(args.out).read_text())
+        print(f"{relabel(result['rows'])} rows relabelled")
+        report.write_json(Path(args.out), result)
+        return
 
     device = devices.resolve_device("auto")
     dtype = devices.resolve_dtype(args.dtype, device)
@@ -103,6 +165,7 @@ def main() -> None:
         result = json.loads(out.read_text())
         if result.get("protocol") != protocol or result["model"]["spec"] != args.model:
             raise SystemExit(f"{out} holds another protocol or model; choose another --out")
+        relabel(result["rows"])
     tokens = api.calibration_tokens(model, tok, calib, ddir)
     bos = tok.bos_token_id if api.needs_bos(model) else None
     wins = windows_of(data.eval_tokens(tok, "wikitext2", args.eval_seqlen, ddir), args.eval_seqlen,
@@ -128,7 +191,7 @@ def main() -> None:
             break
         model, _, _ = loading.load_model(args.model, dtype)
         res = api.prune(model, tok, method=method, pattern=pattern, sparsity=sparsity, calib_tokens=tokens,
-                        calibration=calib, device=device, progress=False, **options)
+                        calibration=calib, device=device, progress=False, **prune_options(options))
         t0 = time.perf_counter()
         ppl = perplexity(model.to(device), wins, device, batch, progress=False).perplexity
         settings = {k: v for k, v in res.method_settings.items() if k not in ("block_sparsity", "outlier_ratios")}

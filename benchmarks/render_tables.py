@@ -27,8 +27,15 @@ def paper_table(path: Path) -> str:
     return head + "\n".join(lines)
 
 
-BEYOND_ORDER = ("magnitude", "wanda", "wanda-variant", "owl+wanda", "sparsegpt", "owl+sparsegpt", "ria", "ria+perm",
-                "wanda+perm", "wanda+lsq", "ria+perm+lsq", "owl+wanda+lsq")
+BEYOND_ORDER = ("magnitude", "wanda", "wanda-variant", "owl+wanda", "owl+wanda, llmprune", "sparsegpt",
+                "owl+sparsegpt", "owl+sparsegpt, llmprune", "ria", "ria, row", "ria+perm", "wanda+perm", "wanda+lsq",
+                "ria+perm+lsq", "owl+wanda+lsq", "owl+wanda+lsq, llmprune", "wanda+dsnot", "wanda+dsnot, llmprune",
+                "ria+perm+dsnot", "ria+perm+dsnot, llmprune")
+
+
+def flags(options: dict) -> str:
+    """A row's options as the command line's flags ({"permute": True, "refine": "dsnot"} -> --permute --refine dsnot)."""
+    return " ".join(f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}") for k, v in options.items())
 BEYOND_CELLS = ("50%", "60%", "70%", "4:8", "2:4")
 
 
@@ -42,17 +49,18 @@ def beyond_table(path: Path) -> str:
             f"{hp['update_iters']} CG steps. Cells: perplexity (prune time in s); - = not run. "
             f"Prune times come from a CPU shared with other jobs, rows run with 1 or 2 threads (recorded per row "
             f"where known): they are not comparable across rows; the \"Prune time (CPU)\" table is.\n\n")
-    lines = ["| method | " + " | ".join(f"{c} unstructured" if c.endswith("%") else c for c in BEYOND_CELLS) + " |",
-             "|---|" + "---:|" * len(BEYOND_CELLS)]
+    lines = ["| method | options | " + " | ".join(f"{c} unstructured" if c.endswith("%") else c for c in BEYOND_CELLS)
+             + " |", "|---|---|" + "---:|" * len(BEYOND_CELLS)]
     rows = r["rows"]
     dense = next(x for x in rows if x["label"] == "dense")
-    lines.append(f"| dense | {dense['perplexity']:.2f} |" + " |" * (len(BEYOND_CELLS) - 1))
+    lines.append(f"| dense | | {dense['perplexity']:.2f} |" + " |" * (len(BEYOND_CELLS) - 1))
     labels = [x for x in BEYOND_ORDER if any(y["label"] == x for y in rows)]
     labels += [x["label"] for x in rows if x["label"] not in labels and x["label"] != "dense"]
     for label in dict.fromkeys(labels):
         cells = {x["cell"]: x for x in rows if x["label"] == label}
+        opts = " / ".join(dict.fromkeys(f"`{f}`" for x in cells.values() if (f := flags(x.get("options", {})))))
         out = [f"{cells[c]['perplexity']:.2f} ({cells[c]['prune_s']:.0f})" if c in cells else "-" for c in BEYOND_CELLS]
-        lines.append(f"| {label} | " + " | ".join(out) + " |")
+        lines.append(f"| {label} | {opts} | " + " | ".join(out) + " |")
     return head + "\n".join(lines) + beyond_targets(rows)
 
 
@@ -66,8 +74,9 @@ def beyond_targets(rows: list[dict]) -> str:
         met = at24[best] < min(ppl["wanda", "2:4"], ppl["sparsegpt", "2:4"])
         out.append(f"best at 2:4: {best} {at24[best]:.2f} vs wanda {ppl['wanda', '2:4']:.2f} and sparsegpt "
                    f"{ppl['sparsegpt', '2:4']:.2f} ({'beats both' if met else 'does not beat both'})")
-    if ("wanda", "70%") in ppl and ("owl+wanda", "70%") in ppl:
-        out.append(f"at 70%: wanda / owl+wanda = {ppl['wanda', '70%'] / ppl['owl+wanda', '70%']:.2f}x")
+    for owl in ("owl+wanda", "owl+wanda, llmprune"):
+        if ("wanda", "70%") in ppl and (owl, "70%") in ppl:
+            out.append(f"at 70%: wanda / {owl} = {ppl['wanda', '70%'] / ppl[owl, '70%']:.2f}x")
     return ("\n\n" + "; ".join(out) + ".") if out else ""
 
 

@@ -209,7 +209,13 @@ def test_cli_owl_and_ria_permute_update_reports(tiny_folder, tmp_path, ddir):
     assert res.exit_code == 0, res.output
     r = json.loads(rep.read_text())
     s = r["method_settings"]["block_sparsity"]
-    assert r["method_settings"]["owl_lambda"] == 0.1 and len(s) == 3
+    assert r["method_settings"]["owl_lambda"] == 0.1 and len(s) == 3 and r["method_settings"]["owl_variant"] == "paper"
+    assert abs(sum(s) / 3 - 0.6) < 1e-12 and max(s) - min(s) == pytest.approx(0.2)  # the paper's band: 2 lambda
+    res = CliRunner().invoke(app, [*common, "--sparsity", "0.6", "--layerwise", "owl", "--owl-lambda", "0.1",
+                                   "--owl-variant", "llmprune", "--report", str(rep)], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    r = json.loads(rep.read_text())
+    s = r["method_settings"]["block_sparsity"]
     assert abs(sum(s) / 3 - 0.6) < 1e-12 and max(abs(v - 0.6) for v in s) == pytest.approx(0.1)
     rep = tmp_path / "ria.json"
     res = CliRunner().invoke(app, [*common, "--method", "ria", "--pattern", "2:4", "--permute", "--update", "lsq",

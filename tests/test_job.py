@@ -9,6 +9,7 @@ import typer
 from llmprune import UsageError
 from llmprune.cli import app
 from llmprune.job import PruneJob
+from llmprune.layerwise import OWL
 from llmprune.patterns import NM, Unstructured
 
 FLAGS = dict(nsamples=4, seqlen=16, device="cpu", dtype="float32", batch_size=2, progress=False)
@@ -22,6 +23,12 @@ def test_job_from_flags_is_typed_and_parsed_once():
     assert job.method.name.startswith("wanda") and job.method.cycles == 7 and job.needs_calibration
     job = PruneJob.from_flags(**{**FLAGS, "method": "magnitude", "eval_sets": "", "evaluates": False})
     assert job.pattern == Unstructured(0.5) and not job.needs_calibration and job.eval.sets == ()
+    job = PruneJob.from_flags(**{**FLAGS, "method": "ria", "scope": "row", "layerwise": "owl", "owl_variant": "llmprune",
+                                 "refine": "dsnot", "dsnot_variant": "LLMPrune"})
+    assert job.pattern == Unstructured(0.5, "row") and job.layerwise == OWL(5.0, 0.08, "llmprune")
+    assert job.method.variant == "llmprune"
+    job = PruneJob.from_flags(**{**FLAGS, "layerwise": "owl", "refine": "dsnot"})
+    assert job.layerwise.variant == "paper" and job.method.variant == "paper" and job.pattern.scope is None
 
 
 @pytest.mark.parametrize("change, message", [
@@ -30,6 +37,9 @@ def test_job_from_flags_is_typed_and_parsed_once():
     ({"layerwise": "owl", "owl_lambda": 0.6}, "--layerwise owl: --sparsity 0.5 +- --owl-lambda 0.6 leaves [0, 1)"),
     ({"stream_from_disk": True, "eval_sets": ""}, "--stream-from-disk writes the pruned model block by block: give --out DIR"),
     ({"batch_size": 0}, "--batch-size must be >= 1, got 0"),
+    ({"scope": "row", "pattern": "4:8"}, "--scope applies to unstructured sparsity; drop --scope with --pattern 4:8"),
+    ({"owl_variant": "paper"}, "--owl-variant sets OWL's mapping of outlier ratios: add --layerwise owl"),
+    ({"dsnot_variant": "paper"}, "--dsnot-cycles, --dsnot-threshold and --dsnot-variant set DSnoT's refinement"),
 ])
 def test_job_refuses_a_bad_combination_on_construction(change, message):
     with pytest.raises(UsageError) as err:

@@ -1,4 +1,4 @@
-"""Per-block sparsity (layerwise.py): OWL's band and weighted mean by hand, outlier ratios against a second
+"""Per-block sparsity (layerwise.py): OWL's two mappings (the paper's min-max, the llmprune band) by hand, outlier ratios against a second
 path, block sizes by hand, parsing of --layerwise, and a per-block list through the runner."""
 
 import json
@@ -17,9 +17,38 @@ CPU = torch.device("cpu")
 
 
 def test_owl_hand_example():
-    # mean ratio 0.03, deviations (-0.02, -0.01, 0.03, 0), the largest 0.03 sits on the band's edge
+    # mean ratio 0.03, deviations (-0.02, -0.01, 0.03, 0); max - min = 0.05.
+    # paper: 0.6 - 2 * 0.08 * dev / 0.05 = 0.6 - 3.2 dev: the band is 0.16 wide, the 0.06 block 0.096 below target
     s = owl_sparsities([0.01, 0.02, 0.06, 0.03], target=0.6, lam=0.08)
+    assert s == pytest.approx([0.664, 0.632, 0.504, 0.6], abs=1e-12)
+    # llmprune: 0.6 - 0.08 * dev / 0.03, the largest deviation 0.03 on the edge of 0.6 +- 0.08
+    s = owl_sparsities([0.01, 0.02, 0.06, 0.03], target=0.6, lam=0.08, variant="llmprune")
     assert s == pytest.approx([0.6 + 0.08 * 2 / 3, 0.6 + 0.08 / 3, 0.52, 0.6], abs=1e-12)
+
+
+def test_owl_paper_mapping_leaves_the_band_and_is_refused_outside_0_1():
+    # skewed ratios: one block far above the rest. paper: 0.5 - 0.16 (r - 0.25) / 1 -> 0.54 (x3) and 0.38,
+    # 0.12 below the target; llmprune keeps it at 0.42
+    assert owl_sparsities([0, 0, 0, 1], 0.5, 0.08) == pytest.approx([0.54, 0.54, 0.54, 0.38], abs=1e-12)
+    assert owl_sparsities([0, 0, 0, 1], 0.5, 0.08, variant="llmprune") == pytest.approx(
+        [0.5 + 0.08 / 3] * 3 + [0.42], abs=1e-12)
+    # 0.1 - 0.18 * 0.75 = -0.035 < 0
+    with pytest.raises(UsageError, match=r"sparsity would be -0.0350 .. 0.1450, outside \[0, 1\); use a smaller "
+                                         "--owl-lambda than 0.09"):
+        owl_sparsities([0, 0, 0, 1], 0.1, 0.09)
+    with pytest.raises(UsageError, match="--owl-variant must be one of paper, llmprune, got 'band'"):
+        OWL(variant="band")
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_owl_paper_mean_is_target_and_band_2_lambda(seed):
+    g = torch.Generator().manual_seed(seed)
+    ratios = torch.rand(12, generator=g).tolist()
+    s = torch.tensor(owl_sparsities(ratios, 0.7, 0.08), dtype=torch.float64)
+    assert abs(float(s.mean()) - 0.7) < 1e-12
+    assert abs(float(s.max() - s.min()) - 0.16) < 1e-12
+    order = torch.argsort(torch.tensor(ratios))
+    assert (s[order].diff() <= 1e-12).all()
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -27,7 +56,7 @@ def test_owl_weighted_mean_is_target_and_in_band(seed):
     g = torch.Generator().manual_seed(seed)
     ratios = torch.rand(12, generator=g).tolist()
     weights = torch.randint(1, 10, (12,), generator=g).tolist()
-    s = torch.tensor(owl_sparsities(ratios, 0.7, 0.08, weights), dtype=torch.float64)
+    s = torch.tensor(owl_sparsities(ratios, 0.7, 0.08, weights, "llmprune"), dtype=torch.float64)
     w = torch.tensor(weights, dtype=torch.float64)
     assert abs(float((s * w).sum() / w.sum()) - 0.7) < 1e-12
     assert (s >= 0.7 - 0.08 - 1e-12).all() and (s <= 0.7 + 0.08 + 1e-12).all()
@@ -35,6 +64,7 @@ def test_owl_weighted_mean_is_target_and_in_band(seed):
     # more outliers -> less sparsity
     order = torch.argsort(torch.tensor(ratios))
     assert (s[order].diff() <= 1e-12).all()
+    assert owl_sparsities([0.3, 0.3], 0.5, 0.08, variant="llmprune") == [0.5, 0.5]
     assert owl_sparsities([0.3, 0.3], 0.5, 0.08) == [0.5, 0.5]
 
 
@@ -81,7 +111,7 @@ def test_block_outlier_ratios_match_hooks_on_the_models_own_dense_forward():
 
 def test_parse_layerwise(tmp_path):
     assert parse_layerwise("uniform") is None and parse_layerwise(None) is None
-    assert parse_layerwise("OWL") == OWL(5.0, 0.08)
+    assert parse_layerwise("OWL") == OWL(5.0, 0.08, "paper")
     assert parse_layerwise("0.4, 0.6") == [0.4, 0.6]
     f = tmp_path / "l.json"
     f.write_text(json.dumps([0.1, 0.2, 0.3]))
@@ -91,12 +121,18 @@ def test_parse_layerwise(tmp_path):
             parse_layerwise(bad)
 
 
-def test_owl_prune_tiny_model_records_band_and_mean():
+@pytest.mark.parametrize("variant", ["paper", "llmprune"])
+def test_owl_prune_tiny_model_records_band_and_mean(variant):
     model = tiny_model("llama", layers=4)
     res = llmprune.prune(model, calib_tokens=random_tokens(4, 32), method="wanda", pattern=Unstructured(0.5),
-                         layerwise="owl", device=CPU, progress=False)
+                         layerwise=OWL(variant=variant), device=CPU, progress=False)
     s = res.method_settings["block_sparsity"]
-    assert len(s) == 4 and abs(sum(s) / 4 - 0.5) < 1e-12 and max(abs(v - 0.5) for v in s) == pytest.approx(0.08)
+    assert res.method_settings["owl_variant"] == variant
+    assert len(s) == 4 and abs(sum(s) / 4 - 0.5) < 1e-12
+    if variant == "paper":
+        assert max(s) - min(s) == pytest.approx(0.16)
+    else:
+        assert max(abs(v - 0.5) for v in s) == pytest.approx(0.08)
     _, blocks = find_decoder(model)
     for block, sb in zip(blocks, s):
         for layer in prunable_layers(block).values():

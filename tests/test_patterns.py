@@ -94,3 +94,13 @@ def test_nm_ranks_equal_a_stable_sort(m):
     assert torch.equal(nm_ranks(groups).long(), expected)
     for k in range(1, m):
         assert torch.equal(nm_ranks(groups) >= k, _prune_lowest(groups, k))
+
+
+def test_parse_pattern_scope():
+    assert parse_pattern("unstructured", 0.5, "matrix") == Unstructured(0.5, "matrix")
+    assert parse_pattern("unstructured", 0.5, " Row ") == Unstructured(0.5, "row")
+    assert parse_pattern("unstructured", 0.5) == Unstructured(0.5, None)
+    with pytest.raises(UsageError, match="--scope must be row or matrix, got 'rows'; e.g. --scope matrix"):
+        parse_pattern("unstructured", 0.5, "rows")
+    with pytest.raises(UsageError, match="--scope applies to unstructured sparsity; drop --scope with --pattern 2:4"):
+        parse_pattern("2:4", scope="row")

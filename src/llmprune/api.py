@@ -82,10 +82,15 @@ def check_seqlen(model, seqlen: int, flag: str) -> None:
         raise UsageError(f"{flag} {seqlen} is longer than the model's context of {limit} tokens; use {flag} {limit} or less")
 
 
-def as_pattern(pattern: Pattern | str, sparsity: float | None) -> Pattern:
+def as_pattern(pattern: Pattern | str, sparsity: float | None, scope: str | None = None) -> Pattern:
+    """A pattern object from "unstructured"/"N:M" (with ``sparsity`` and ``scope``) or as given; ``scope`` set on an
+    ``Unstructured`` object replaces its own."""
     if isinstance(pattern, str):
-        return parse_pattern(pattern, sparsity)
-    return pattern
+        return parse_pattern(pattern, sparsity, scope)
+    if scope is None:
+        return pattern
+    return parse_pattern("unstructured" if isinstance(pattern, Unstructured) else str(pattern),
+                         getattr(pattern, "sparsity", None), scope)
 
 
 def calibration_tokens(model, tokenizer, calibration: Calibration, data_dir=None) -> torch.Tensor:
@@ -109,10 +114,12 @@ def prune(
     progress: bool = True, layerwise: OWL | str | list[float] | None = None, permute: bool = False,
     update: str | None = None, refine: DSnoT | str | None = None, checkpoint_dir: str | Path | None = None,
     overwrite: bool = False, activations: str = "auto", world: distributed.World | None = None, placement=None,
+    scope: str | None = None,
 ) -> PruneResult:
     """Prune ``model`` in place, block by block; returns what was done.
 
-    ``pattern``: ``Unstructured``/``NM`` or "unstructured"/"2:4". ``calib_tokens`` ([nsamples, seqlen] ids)
+    ``pattern``: ``Unstructured``/``NM`` or "unstructured"/"2:4"; ``scope`` (row | matrix, unstructured only)
+    overrides the method's own comparison group (``Unstructured.scope``). ``calib_tokens`` ([nsamples, seqlen] ids)
     replace sampling from ``calibration`` (pass both to record where they came from). ``layerwise``: None,
     "owl", ``OWL(m, lam)`` or one sparsity per block. ``permute`` (N:M masks on permuted input channels),
     ``refine`` ("dsnot" or ``DSnoT(...)``) and ``update`` ("lsq") modify the method (``methods.get_method``).
@@ -124,7 +131,7 @@ def prune(
     (``streaming.DiskBlocks`` reads them from disk).
     """
     method = get_method(method, permute=permute, update=update, refine=refine)
-    pattern = as_pattern(pattern, sparsity)
+    pattern = as_pattern(pattern, sparsity, scope)
     layerwise = parse_layerwise(layerwise) if isinstance(layerwise, str) else layerwise
     check_combination(method, pattern, layerwise)
     device = device if isinstance(device, torch.device) else resolve_device(device)
@@ -202,9 +209,9 @@ def _block_patterns(model, pattern, layerwise, tokens, device, batch_size: int, 
     if isinstance(layerwise, OWL):
         t0 = time.perf_counter()
         ratios = block_outlier_ratios(model, tokens, device, batch_size, layerwise.m, progress)
-        per_block = owl_sparsities(ratios, pattern.sparsity, layerwise.lam, block_sizes(model))
-        settings.update(layerwise="owl", owl_m=layerwise.m, owl_lambda=layerwise.lam, outlier_ratios=ratios,
-                        owl_pass_s=time.perf_counter() - t0)
+        per_block = owl_sparsities(ratios, pattern.sparsity, layerwise.lam, block_sizes(model), layerwise.variant)
+        settings.update(layerwise="owl", owl_m=layerwise.m, owl_lambda=layerwise.lam, owl_variant=layerwise.variant,
+                        outlier_ratios=ratios, owl_pass_s=time.perf_counter() - t0)
     else:
         per_block = [float(v) for v in layerwise]  # (their count is checked by runner.prune_blocks)
         settings.update(layerwise="list")

@@ -125,14 +125,17 @@ def prune(
     method: str = typer.Option("wanda", "--method", help=" | ".join(METHODS)),
     sparsity: float = typer.Option(0.5, "--sparsity", help="Fraction in [0, 1) for unstructured."),
     pattern: str = typer.Option("unstructured", "--pattern", help="unstructured, or N:M (e.g. 2:4, 4:8, 1:4)."),
+    scope: Optional[str] = typer.Option(None, "--scope", help="Unstructured: row | matrix, where scores are compared (default: the method's own; row for wanda, matrix for magnitude and ria)."),
     layerwise: str = typer.Option("uniform", "--layerwise", help="Per-block sparsity (unstructured): uniform | owl | comma list | file of sparsities."),
     owl_m: float = typer.Option(5.0, "--owl-m", help="OWL: a score is an outlier above M x its block's mean score."),
-    owl_lambda: float = typer.Option(0.08, "--owl-lambda", help="OWL: block sparsities stay within --sparsity +- lambda."),
+    owl_lambda: float = typer.Option(0.08, "--owl-lambda", help="OWL: the spread of block sparsities around --sparsity (paper: a band 2 x lambda wide; llmprune: within +- lambda)."),
+    owl_variant: Optional[str] = typer.Option(None, "--owl-variant", help="OWL: paper (the OWL code's min-max mapping, default) | llmprune (blocks within --sparsity +- lambda)."),
     permute: bool = typer.Option(False, "--permute", help="N:M: choose masks on permuted input channels (wanda, ria, magnitude)."),
     update: str = typer.Option("none", "--update", help="none | lsq: re-fit the kept weights by least squares after the mask."),
     refine: str = typer.Option("none", "--refine", help="none | dsnot: refine a score method's mask by DSnoT's pruning-and-growing (before any --update)."),
     dsnot_cycles: Optional[int] = typer.Option(None, "--dsnot-cycles", help="DSnoT: at most this many swaps per row (default 50)."),
-    dsnot_threshold: Optional[float] = typer.Option(None, "--dsnot-threshold", help="DSnoT: a row stops once its expected error per token |eps| is at most this (default 0.1)."),
+    dsnot_threshold: Optional[float] = typer.Option(None, "--dsnot-threshold", help="DSnoT: a row stops once its error |eps| is at most this (default 0.1; per calibration window for paper, per token for llmprune)."),
+    dsnot_variant: Optional[str] = typer.Option(None, "--dsnot-variant", help="DSnoT: paper (the DSnoT code's error scale and swap rules, default) | llmprune (error per token; a swap must lower |eps|; N:M prunes by Wanda's score, opposite sign)."),
     calib: str = typer.Option("c4", "--calib", help="c4 | wikitext2 | path to a .txt or .jsonl (text field) file."),
     nsamples: int = typer.Option(128, "--nsamples", help="Number of calibration windows."),
     seqlen: int = typer.Option(2048, "--seqlen", help="Calibration window length in tokens."),
@@ -161,23 +164,22 @@ def prune(
 ) -> None:
     """Prune a model in one shot, evaluating it before and after.
 
-    With --out, the output is built in a hidden sibling folder, one shard per block written as the
-    run goes; that is also the saved progress: running the same command again after a crash or
-    Ctrl-C continues from the last finished block (streamed and torchrun runs too).
-    Under `torchrun --nproc-per-node K -m llmprune prune ...` the calibration batches are split over
-    the K processes (one GPU each) and their statistics summed; rank 0 evaluates, reports and saves.
+    With --out, the output is built in a hidden sibling folder, one shard per block written as the run goes: the
+    saved progress; the same command again after a crash or Ctrl-C continues from the last finished block (streamed
+    and torchrun runs too). Under `torchrun --nproc-per-node K -m llmprune prune ...` the calibration batches are
+    split over the K processes (one GPU each), their statistics summed; rank 0 evaluates, reports and saves.
     """
     from .job import PruneJob
 
     _run_prune(device, lambda world, dev: PruneJob.from_flags(
-        model=model, method=method, sparsity=sparsity, pattern=pattern, layerwise=layerwise, owl_m=owl_m,
-        owl_lambda=owl_lambda, permute=permute, update=update, refine=refine, dsnot_cycles=dsnot_cycles,
-        dsnot_threshold=dsnot_threshold, calib=calib, nsamples=nsamples, seqlen=seqlen, seed=seed,
-        calib_tokens=calib_tokens, device=dev, dtype=dtype, batch_size=batch_size, activations=activations,
-        weights=weights, stream_from_disk=stream_from_disk, eval_sets=eval_sets, eval_seqlen=eval_seqlen,
-        max_eval_windows=max_eval_windows, eval_tasks=eval_tasks, limit=limit, eval_batch_size=eval_batch_size,
-        out=out, overwrite=overwrite, format=format, report=report, data_dir=data_dir,
-        trust_remote_code=trust_remote_code, progress=progress, evaluates=world.is_main))
+        model=model, method=method, sparsity=sparsity, pattern=pattern, scope=scope, layerwise=layerwise, owl_m=owl_m,
+        owl_lambda=owl_lambda, owl_variant=owl_variant, permute=permute, update=update, refine=refine,
+        dsnot_cycles=dsnot_cycles, dsnot_threshold=dsnot_threshold, dsnot_variant=dsnot_variant, calib=calib,
+        nsamples=nsamples, seqlen=seqlen, seed=seed, calib_tokens=calib_tokens, device=dev, dtype=dtype,
+        batch_size=batch_size, activations=activations, weights=weights, stream_from_disk=stream_from_disk,
+        eval_sets=eval_sets, eval_seqlen=eval_seqlen, max_eval_windows=max_eval_windows, eval_tasks=eval_tasks,
+        limit=limit, eval_batch_size=eval_batch_size, out=out, overwrite=overwrite, format=format, report=report,
+        data_dir=data_dir, trust_remote_code=trust_remote_code, progress=progress, evaluates=world.is_main))
 
 
 def _run_prune(device: str, make_job) -> None:

@@ -75,9 +75,12 @@ def all_reduce_statistics(collector) -> None:
         for acc in collector.stats[name].values():
             for t in acc.tensors():
                 dist.all_reduce(t)
-            count = torch.tensor([acc.tokens], dtype=torch.float64, device=acc.tensors()[0].device)
+            counts = [acc.tokens, getattr(acc, "windows", 0)]
+            count = torch.tensor(counts, dtype=torch.float64, device=acc.tensors()[0].device)
             dist.all_reduce(count)
-            acc.tokens = int(count.item())
+            acc.tokens = int(count[0].item())
+            if hasattr(acc, "windows"):
+                acc.windows = int(count[1].item())
 
 
 def reducer(world: World):

@@ -113,9 +113,11 @@ class PruneJob:
 
     @classmethod
     def from_flags(cls, *, model: str = "smollm2-135m", method: str = "wanda", sparsity: float = 0.5,
-                   pattern: str = "unstructured", layerwise: str = "uniform", owl_m: float = 5.0,
-                   owl_lambda: float = 0.08, permute: bool = False, update: str = "none", refine: str = "none",
-                   dsnot_cycles: int | None = None, dsnot_threshold: float | None = None, calib: str = "c4",
+                   pattern: str = "unstructured", scope: str | None = None, layerwise: str = "uniform",
+                   owl_m: float = 5.0, owl_lambda: float = 0.08, owl_variant: str | None = None,
+                   permute: bool = False, update: str = "none", refine: str = "none",
+                   dsnot_cycles: int | None = None, dsnot_threshold: float | None = None,
+                   dsnot_variant: str | None = None, calib: str = "c4",
                    nsamples: int = 128, seqlen: int = 2048, seed: int = 0, calib_tokens: Path | None = None,
                    device: str = "auto", dtype: str = "auto", batch_size: int = 8, activations: str = "auto",
                    weights: str = "auto", stream_from_disk: bool = False, eval_sets: str = "wikitext2",
@@ -127,11 +129,9 @@ class PruneJob:
         """The job of `llmprune prune`'s flags, every string parsed here. ``evaluates``: False on the torchrun ranks
         that only take a share of the calibration (rank 0 evaluates)."""
         method_obj = get_method(method, permute=permute, update=update,
-                                refine=_refine_of(refine, dsnot_cycles, dsnot_threshold))
-        pattern_obj = parse_pattern(pattern, sparsity)
-        layerwise_obj = parse_layerwise(layerwise)
-        if isinstance(layerwise_obj, OWL):
-            layerwise_obj = OWL(owl_m, owl_lambda)
+                                refine=_refine_of(refine, dsnot_cycles, dsnot_threshold, dsnot_variant))
+        pattern_obj = parse_pattern(pattern, sparsity, scope)
+        layerwise_obj = _layerwise_of(layerwise, owl_m, owl_lambda, owl_variant)
         calibration = Calibration(calib, nsamples, seqlen, seed)
         extra_sets, zs_tasks = zeroshot.split_task_list(eval_tasks, flag="--eval-tasks")
         sets = tuple(dict.fromkeys(parse_sets(eval_sets) + extra_sets))
@@ -147,15 +147,27 @@ class PruneJob:
                    data_dir, trust_remote_code)
 
 
-def _refine_of(refine: str, cycles: int | None, threshold: float | None) -> DSnoT | None:
-    """``--refine`` with DSnoT's two options; the options alone are refused."""
+def _refine_of(refine: str, cycles: int | None, threshold: float | None, variant: str | None) -> DSnoT | None:
+    """``--refine`` with DSnoT's three options; the options alone are refused."""
     refine_obj = as_refine(refine)
-    if refine_obj is None and (cycles is not None or threshold is not None):
-        raise UsageError("--dsnot-cycles and --dsnot-threshold set DSnoT's refinement: add --refine dsnot")
+    if refine_obj is None and (cycles is not None or threshold is not None or variant is not None):
+        raise UsageError("--dsnot-cycles, --dsnot-threshold and --dsnot-variant set DSnoT's refinement: "
+                         "add --refine dsnot")
     if refine_obj is None:
         return None
     defaults = DSnoT()
-    return DSnoT(defaults.cycles if cycles is None else cycles, defaults.threshold if threshold is None else threshold)
+    return DSnoT(defaults.cycles if cycles is None else cycles, defaults.threshold if threshold is None else threshold,
+                 defaults.variant if variant is None else variant.strip().lower())
+
+
+def _layerwise_of(layerwise: str, m: float, lam: float, variant: str | None):
+    """``--layerwise`` with OWL's options; ``--owl-variant`` without ``--layerwise owl`` is refused."""
+    layerwise_obj = parse_layerwise(layerwise)
+    if not isinstance(layerwise_obj, OWL):
+        if variant is not None:
+            raise UsageError("--owl-variant sets OWL's mapping of outlier ratios: add --layerwise owl")
+        return layerwise_obj
+    return OWL(m, lam, OWL.variant if variant is None else variant.strip().lower())
 
 
 @dataclass(frozen=True)

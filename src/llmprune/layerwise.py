@@ -2,11 +2,13 @@
 
 OWL: a dense pass over the blocks gives each block's outlier ratio, the share of its Wanda scores
 |W_ij| * ||X_j|| (all its Linears together) above ``m`` times their mean. Blocks with more outliers are
-pruned less: sparsity_b = target - lam * (r_b - mean r) / max_b |r_b - mean r|, where the mean is
-weighted by the blocks' prunable parameter counts. So the weighted mean sparsity is the target exactly
-and every block stays in [target - lam, target + lam], the farthest block on the edge of the band.
-(The OWL code min-max scales the ratios onto a band of width 2*lam and then shifts it by the mean,
-which can leave a block outside [target - lam, target + lam]; here the band is kept.)
+pruned less. Two mappings from ratios to sparsities (``OWL.variant``):
+- "paper", as the OWL code maps them: the ratios min-max scaled onto [0, 2 lam], shifted to mean 1 - target
+  (densities), that is sparsity_b = target - 2 lam (r_b - mean r) / (max r - min r) with the plain mean over
+  blocks; the band is 2 lam wide, so a block can lie up to 2 lam from the target when the ratios are skewed;
+- "llmprune": sparsity_b = target - lam (r_b - mean r) / max_b |r_b - mean r|, the mean weighted by the blocks'
+  prunable parameter counts, so every block stays in [target - lam, target + lam], the farthest on the edge.
+Both keep the (weighted) mean sparsity at the target; with blocks of equal size the two means agree.
 """
 
 from __future__ import annotations
@@ -23,16 +25,27 @@ from .errors import UsageError
 from .models import find_decoder, prunable_layers, weight_matrix
 
 
+VARIANTS = ("paper", "llmprune")
+"""``OWL.variant``: the OWL code's mapping of outlier ratios to sparsities, or this library's band (docstring)."""
+
+
 @dataclass(frozen=True)
 class OWL:
     m: float = 5.0
+    """A score is an outlier above ``m`` times its block's mean score."""
     lam: float = 0.08
+    """The spread: the paper mapping's band is 2 lam wide; the llmprune one keeps blocks within target +- lam."""
+    variant: str = "paper"
+    """paper (the OWL code's min-max mapping) | llmprune (within target +- lam)."""
 
     def __post_init__(self) -> None:
         if not self.m > 0:
             raise UsageError(f"--owl-m must be > 0, got {self.m}")
         if not 0 <= self.lam < 1:
             raise UsageError(f"--owl-lambda must be in [0, 1), got {self.lam}")
+        if self.variant not in VARIANTS:
+            raise UsageError(f"--owl-variant must be one of {', '.join(VARIANTS)}, got {self.variant!r}; "
+                             "e.g. --owl-variant paper")
 
 
 def parse_layerwise(text: str | None) -> OWL | str | list[float] | None:
@@ -64,8 +77,28 @@ def parse_layerwise(text: str | None) -> OWL | str | list[float] | None:
 
 
 def owl_sparsities(ratios: Sequence[float], target: float, lam: float,
-                   weights: Sequence[float] | None = None) -> list[float]:
-    """Map outlier ratios linearly into [target - lam, target + lam] with weighted mean = target."""
+                   weights: Sequence[float] | None = None, variant: str = "paper") -> list[float]:
+    """Per-block sparsities from outlier ratios by ``variant``'s mapping (module docstring); ``weights`` (block
+    sizes) weigh the llmprune mean only. A sparsity outside [0, 1) is refused with one line."""
+    out = _paper_mapping(ratios, target, lam) if variant == "paper" else _band_mapping(ratios, target, lam, weights)
+    if not all(0 <= s < 1 for s in out):
+        raise UsageError(f"--layerwise owl: a block's sparsity would be {min(out):.4f} .. {max(out):.4f}, outside "
+                         f"[0, 1); use a smaller --owl-lambda than {lam}")
+    return out
+
+
+def _paper_mapping(ratios: Sequence[float], target: float, lam: float) -> list[float]:
+    """target - 2 lam (r - mean r) / (max r - min r), the plain mean over blocks."""
+    r = torch.tensor(ratios, dtype=torch.float64)
+    span = r.max() - r.min()
+    if span == 0:
+        return [float(target)] * len(r)
+    return (target - 2 * lam * (r - r.mean()) / span).tolist()
+
+
+def _band_mapping(ratios: Sequence[float], target: float, lam: float,
+                  weights: Sequence[float] | None = None) -> list[float]:
+    """Outlier ratios mapped linearly into [target - lam, target + lam] with weighted mean = target."""
     r = torch.tensor(ratios, dtype=torch.float64)
     w = torch.ones_like(r) if weights is None else torch.tensor(weights, dtype=torch.float64)
     w = w / w.sum()

@@ -21,7 +21,7 @@ Scope = Literal["row", "matrix"]
 class Unstructured:
     """Prune ``sparsity`` of the weights, compared within each row or across the matrix.
 
-    ``scope=None`` means "the method's own default" (row for Wanda, matrix for magnitude).
+    ``scope=None`` means "the method's own default" (row for Wanda, matrix for magnitude and RIA).
     """
 
     sparsity: float
@@ -31,7 +31,7 @@ class Unstructured:
         if not isinstance(self.sparsity, (int, float)) or not 0.0 <= float(self.sparsity) < 1.0:
             raise UsageError(f"--sparsity must be a fraction in [0, 1), got {self.sparsity!r}; e.g. --sparsity 0.5")
         if self.scope not in (None, "row", "matrix"):
-            raise UsageError(f"unstructured scope must be 'row' or 'matrix', got {self.scope!r}")
+            raise UsageError(f"--scope must be row or matrix, got {self.scope!r}; e.g. --scope matrix")
 
     @property
     def target(self) -> float:
@@ -63,16 +63,21 @@ class NM:
 Pattern = Union[Unstructured, NM]
 
 
-def parse_pattern(text: str, sparsity: float | None = None) -> Pattern:
-    """Parse ``"unstructured"`` (needs ``sparsity``) or ``"N:M"`` once, at the edge."""
+def parse_pattern(text: str, sparsity: float | None = None, scope: str | None = None) -> Pattern:
+    """Parse ``"unstructured"`` (needs ``sparsity``; ``scope`` row | matrix | None for the method's default) or
+    ``"N:M"`` (no ``scope``: every group of M is its own comparison) once, at the edge."""
     text = str(text).strip().lower()
+    if isinstance(scope, str):
+        scope = scope.strip().lower() or None
     if text == "unstructured":
         if sparsity is None:
             raise UsageError("--pattern unstructured needs --sparsity, e.g. --sparsity 0.5")
-        return Unstructured(float(sparsity))
+        return Unstructured(float(sparsity), scope)
     parts = text.split(":")
     if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
         raise UsageError(f"--pattern must be 'unstructured' or N:M such as 2:4, got {text!r}")
+    if scope is not None:
+        raise UsageError(f"--scope applies to unstructured sparsity; drop --scope with --pattern {text}")
     return NM(int(parts[0]), int(parts[1]))
 
 

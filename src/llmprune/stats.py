@@ -13,11 +13,13 @@ import torch
 
 
 class _FeatureSums:
-    """fp64 running sum over calibration tokens of a per-feature term of the inputs (``_term``), and the token count."""
+    """fp64 running sum over calibration tokens of a per-feature term of the inputs (``_term``), and the counts of
+    tokens and of windows (the leading dimension of a ``[windows, tokens, features]`` input; a 2-D input is one)."""
 
     def __init__(self, features: int, device: torch.device) -> None:
         self.total = torch.zeros(features, dtype=torch.float64, device=device)
         self.tokens = 0
+        self.windows = 0
         self.memo: dict = {}
 
     @staticmethod
@@ -25,6 +27,7 @@ class _FeatureSums:
         raise NotImplementedError
 
     def add(self, x: torch.Tensor) -> None:
+        self.windows += x.shape[0] if x.dim() > 2 else 1
         x = x.reshape(-1, x.shape[-1])
         for part in x.split(4096):  # bounded fp32 temporaries
             self.total += self._term(part.float()).sum(dim=0)
@@ -63,6 +66,11 @@ class InputMeans(_FeatureSums):
     @property
     def mean(self) -> torch.Tensor:
         return self._mean()
+
+    @property
+    def per_window(self) -> torch.Tensor:
+        """Sum of x_j over a window's tokens, averaged over the windows, fp32 (the DSnoT code's scale)."""
+        return (self.total / max(self.windows, 1)).float()
 
 
 def feature_variance(norms: InputNorms, means: InputMeans) -> torch.Tensor:

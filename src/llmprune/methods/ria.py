@@ -1,8 +1,9 @@
 """RIA (Zhang et al. 2024): relative importance times input activation norm.
 
-score_ij = (|W_ij| / sum_k |W_ik| + |W_ij| / sum_k |W_kj|) * ||X_j||_2 ** a, compared within each
-output row (as Wanda); with ``permute`` an N:M mask is chosen on input channels reordered by
-``permute.nm_permutation`` and mapped back.
+score_ij = (|W_ij| / sum_k |W_ik| + |W_ij| / sum_k |W_kj|) * ||X_j||_2 ** a. Unstructured, the scores are
+compared across the whole matrix, one threshold per weight as in the RIA code (its ``--per_outneuron``, Wanda's
+per-row comparison, is off by default; ``Unstructured(s, scope="row")`` or ``--scope row`` chooses it); with
+``permute`` an N:M mask is chosen on input channels reordered by ``permute.nm_permutation`` and mapped back.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from .base import ScoreMethod
 class RIA(ScoreMethod):
     name = "ria"
     needs = ("norms",)
-    default_scope = "row"
+    default_scope = "matrix"
     a: float = 0.5
     permute: bool = False
 
