@@ -24,7 +24,8 @@ from llmprune.evaluate import perplexity, windows_of
 from llmprune.patterns import Unstructured
 
 METHODS = [("alps", "alps", {}), ("sparsegpt", "sparsegpt", {}), ("wanda", "wanda", {}),
-           ("ria+perm+lsq", "ria", {"permute": True, "update": "lsq"}), ("alps+perm", "alps", {"permute": True})]
+           ("ria+perm+lsq", "ria", {"permute": True, "update": "lsq"}), ("alps+perm", "alps", {"permute": True}),
+           ("owl+alps", "alps", {"layerwise": "owl"})]
 CELLS = [("2:4", None), ("unstructured", 0.7), ("unstructured", 0.5), ("unstructured", 0.6)]
 
 
@@ -37,6 +38,8 @@ def runs():
         for label, method, options in METHODS:
             if options.get("permute") and pattern == "unstructured" and method == "alps":
                 continue  # no groups to reorder
+            if options.get("layerwise") and pattern != "unstructured":
+                continue  # per-block sparsities are for unstructured pruning
             if options.get("permute") and pattern == "unstructured":
                 # RIA's paper default for unstructured: one threshold per matrix (its --per_outneuron is off)
                 options = {**{k: v for k, v in options.items() if k != "permute"}, "scope": "matrix"}
@@ -69,6 +72,7 @@ def main() -> None:
     ap.add_argument("--eval-windows", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", required=True)
+    ap.add_argument("--rows", help="only these rows, as label@cell, comma-separated (e.g. alps+perm@2:4)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     device = devices.resolve_device("auto")
@@ -96,6 +100,8 @@ def main() -> None:
     done = {(r["label"], r["cell"]) for r in result["rows"]}
     for run in runs():
         if (run[0], cell_name(run[2], run[3])) in done:
+            continue
+        if args.rows and f"{run[0]}@{cell_name(run[2], run[3])}" not in args.rows.split(","):
             continue
         row = prune_row(args, tok, tokens, calib, wins, device, dtype, run)
         result["rows"].append(row)
