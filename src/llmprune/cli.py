@@ -89,8 +89,19 @@ def _print_outcome(outcome) -> None:
     _print_summary(outcome.report, outcome.report_path, outcome.out)
 
 
+def _say_structured(say, report: dict) -> None:
+    st = report["structured"]
+    w, p = st["widths"], st["params"]
+    say(f"widths: intermediate_size {st['widths_before']['intermediate_size']} -> {w['intermediate_size']}, "
+        f"num_key_value_heads {st['widths_before']['num_key_value_heads']} -> {w['num_key_value_heads']}, "
+        f"num_hidden_layers {st['widths_before']['num_hidden_layers']} -> {w['num_hidden_layers']}")
+    say(f"decoder parameters {p['decoder_before']:,} -> {p['decoder_after']:,} ({100 * st['removed_fraction']:.1f}% "
+        f"removed; whole model {100 * st['model_removed_fraction']:.1f}%) on {report['device']} in {report['dtype']}")
+
+
 def _print_summary(report: dict, report_path: Path | None = None, out: Path | None = None) -> None:
-    table = Table(title=f"{report['model']['spec']}: {report['method']} {report['pattern']}",
+    kind = report.get("pattern") or ",".join(report["structured"]["settings"]["structures"])
+    table = Table(title=f"{report['model']['spec']}: {report['method']} {kind}",
                   caption=f"perplexity: lower is better; {report['device']}, {report['dtype']}" if report["perplexity"] else None)
     table.add_column("set")
     table.add_column("seqlen x windows", justify="right")
@@ -105,8 +116,11 @@ def _print_summary(report: dict, report_path: Path | None = None, out: Path | No
                                                              f"limit {h['limit']}; mean acc_norm uses acc where a task has no acc_norm)"))
     t = report["time"]
     say = Console(soft_wrap=True, highlight=False).print  # whole lines: a narrow terminal folds them, never cuts
-    say(f"sparsity {report['sparsity_overall']:.4f} (target {report['sparsity_target']:.4f}) on {report['device']} "
-        f"in {report['dtype']}")
+    if "structured" in report:
+        _say_structured(say, report)
+    else:
+        say(f"sparsity {report['sparsity_overall']:.4f} (target {report['sparsity_target']:.4f}) on {report['device']} "
+            f"in {report['dtype']}")
     say(f"time: load {t['load_s']:.1f}s  prune {t['prune_s']:.1f}s  save {t.get('save_s', 0.0):.1f}s  "
         f"eval {t['eval_s']:.1f}s")
     if out is not None:
@@ -133,6 +147,12 @@ def prune(
     refine: str = typer.Option("none", "--refine", help="none | dsnot: refine a score method's mask by DSnoT's pruning-and-growing (before any --update)."),
     dsnot_cycles: Optional[int] = typer.Option(None, "--dsnot-cycles", help="DSnoT: at most this many swaps per row (default 50)."),
     dsnot_threshold: Optional[float] = typer.Option(None, "--dsnot-threshold", help="DSnoT: a row stops once its expected error per token |eps| is at most this (default 0.1)."),
+    structure: Optional[str] = typer.Option(None, "--structure", help="Structured pruning into a smaller dense model: comma list of mlp (intermediate channels), heads (whole KV groups with their query heads), blocks (ShortGPT block importance)."),
+    remove: Optional[float] = typer.Option(None, "--remove", help="--structure: fraction in (0, 1) of the decoder blocks' parameters to remove (uniform widths)."),
+    widths: Optional[str] = typer.Option(None, "--widths", help="--structure: explicit widths instead of --remove, e.g. intermediate_size=1216,num_key_value_heads=2,num_hidden_layers=26."),
+    importance: str = typer.Option("wanda-sp", "--importance", help="--structure: channel score: wanda-sp | flap | magnitude."),
+    restore: str = typer.Option("none", "--restore", help="--structure: none | lsq (re-fit down_proj/o_proj on the kept channels) | bias (FLAP's compensation bias; Llama, and heads of Gemma 3 / Qwen3)."),
+    width_multiple: int = typer.Option(32, "--width-multiple", help="--structure: the intermediate size is rounded to a multiple of this."),
     calib: str = typer.Option("c4", "--calib", help="c4 | wikitext2 | path to a .txt or .jsonl (text field) file."),
     nsamples: int = typer.Option(128, "--nsamples", help="Number of calibration windows."),
     seqlen: int = typer.Option(2048, "--seqlen", help="Calibration window length in tokens."),
@@ -177,7 +197,8 @@ def prune(
         weights=weights, stream_from_disk=stream_from_disk, eval_sets=eval_sets, eval_seqlen=eval_seqlen,
         max_eval_windows=max_eval_windows, eval_tasks=eval_tasks, limit=limit, eval_batch_size=eval_batch_size,
         out=out, overwrite=overwrite, format=format, report=report, data_dir=data_dir,
-        trust_remote_code=trust_remote_code, progress=progress, evaluates=world.is_main))
+        trust_remote_code=trust_remote_code, progress=progress, evaluates=world.is_main, structure=structure,
+        remove=remove, widths=widths, importance=importance, restore=restore, width_multiple=width_multiple))
 
 
 def _run_prune(device: str, make_job) -> None:
