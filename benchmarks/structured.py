@@ -11,7 +11,8 @@ they finish; a rerun with the same --out skips them.
 ``speed``: the dense model and the pruned one are saved, each loaded back with plain
 ``AutoModelForCausalLM.from_pretrained``, and timed side by side in one process, interleaved: prefill (one
 forward of batch x seqlen tokens, logits of the last position only) and greedy decode with the KV cache
-(steps after a prompt), warm-up first, the median of the repeats.
+(steps after a prompt), warm-up first, the median of the repeats. Each timing is kept as wall time and as the
+process's CPU time: on a shared CPU, a one-thread run's CPU time (``--threads 1``) is the steadier measure.
 
     python benchmarks/structured.py speed --remove 0.2 --out benchmarks/results/structured_speed_smollm2_cpu.json
     python benchmarks/structured.py speed --shape llama-2-7b --device cuda --dtype bfloat16 --out speed_7b.json
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -144,15 +146,25 @@ def save_pair(args, device, dtype, folder: Path) -> dict:
             "model_removed_fraction": res.model_removed_fraction, "settings": res.options.settings()}
 
 
-def prefill_s(model, ids) -> float:
+def clocks() -> tuple[float, float]:
+    """(wall seconds, this process's CPU seconds): on a shared CPU the CPU time of a one-thread run is the steadier."""
+    return time.perf_counter(), time.process_time()
+
+
+def since(start: tuple[float, float]) -> tuple[float, float]:
+    now = clocks()
+    return now[0] - start[0], now[1] - start[1]
+
+
+def prefill_s(model, ids) -> tuple[float, float]:
     devices.synchronize(ids.device)
-    t0 = time.perf_counter()
+    t0 = clocks()
     model(input_ids=ids, use_cache=False, logits_to_keep=1)
     devices.synchronize(ids.device)
-    return time.perf_counter() - t0
+    return since(t0)
 
 
-def decode_s(model, ids, steps: int) -> float:
+def decode_s(model, ids, steps: int) -> tuple[float, float]:
     """Seconds for ``steps`` greedy steps with the KV cache after the prompt ``ids`` (the prompt not timed)."""
     from llmprune.inference.graphs import cache_kwarg
 
@@ -160,12 +172,12 @@ def decode_s(model, ids, steps: int) -> float:
     out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
     cache, tok = getattr(out, kw), out.logits[:, -1:].argmax(-1)
     devices.synchronize(ids.device)
-    t0 = time.perf_counter()
+    t0 = clocks()
     for _ in range(steps):
         out = model(input_ids=tok, use_cache=True, **{kw: cache})
         tok = out.logits[:, -1:].argmax(-1)
     devices.synchronize(ids.device)
-    return time.perf_counter() - t0
+    return since(t0)
 
 
 @torch.no_grad()
@@ -182,11 +194,16 @@ def time_pair(models: dict, args, device) -> dict:
             if rep >= args.warmup:
                 times[name]["prefill"].append(p)
                 times[name]["decode"].append(d)
+    return {name: rates(t, args) for name, t in times.items()}
+
+
+def rates(t: dict, args) -> dict:
+    """Tokens per second from the median wall time, and (CPU) from the median CPU time of the process."""
     out = {}
-    for name, t in times.items():
-        out[name] = {"prefill_s": t["prefill"], "decode_s": t["decode"],
-                     "prefill_tok_s": args.batch * args.prefill / statistics.median(t["prefill"]),
-                     "decode_tok_s": args.batch * args.steps / statistics.median(t["decode"])}
+    for kind, tokens in (("prefill", args.batch * args.prefill), ("decode", args.batch * args.steps)):
+        wall, cpu = [w for w, _ in t[kind]], [c for _, c in t[kind]]
+        out.update({f"{kind}_s": wall, f"{kind}_cpu_s": cpu, f"{kind}_tok_s": tokens / statistics.median(wall),
+                    f"{kind}_tok_cpu_s": tokens / statistics.median(cpu)})
     return out
 
 
@@ -205,8 +222,9 @@ def run_speed(args) -> None:
     result = {"model": args.shape or args.model, "device": str(device), "dtype": str(dtype).replace("torch.", ""),
               "machine": machine(), "versions": report.versions(), "pruned": pruned,
               "protocol": {k: getattr(args, k) for k in ("batch", "prefill", "prompt", "steps", "warmup", "repeats")},
-              "timings": timed, "speedup": {k: timed["pruned"][k] / timed["dense"][k]
-                                            for k in ("prefill_tok_s", "decode_tok_s")}}
+              "timings": timed, "speedup": {k: timed["pruned"][k] / timed["dense"][k] for k in (
+                  "prefill_tok_s", "decode_tok_s", "prefill_tok_cpu_s", "decode_tok_cpu_s")},
+              "load_average": os.getloadavg()}
     report.write_json(args.out, result)
     print(json.dumps(result["speedup"]), flush=True)
 

@@ -31,6 +31,12 @@ ProgressOpt = typer.Option(True, "--progress/--no-progress", help="Progress bars
 LimitOpt = typer.Option(None, "--limit", help="Zero-shot: only the first N examples of each task.")
 ZsBatchOpt = typer.Option(None, "--eval-batch-size", help="Zero-shot: requests per forward pass (default 1 on CPU, 16 on GPU).")
 
+StructureOpt = typer.Option(None, "--structure", help="Structured pruning into a smaller dense model: comma list of mlp (intermediate channels), heads (whole KV groups with their query heads), blocks (ShortGPT block importance).")
+RemoveOpt = typer.Option(None, "--remove", help="--structure: fraction in (0, 1) of the decoder blocks' parameters to remove (uniform widths).")
+WidthsOpt = typer.Option(None, "--widths", help="--structure: explicit widths instead of --remove, e.g. intermediate_size=1216,num_key_value_heads=2,num_hidden_layers=26.")
+ImportanceOpt = typer.Option("wanda-sp", "--importance", help="--structure: channel score: wanda-sp | flap | magnitude.")
+RestoreOpt = typer.Option("none", "--restore", help="--structure: none | lsq (re-fit down_proj/o_proj on the kept channels) | bias (FLAP's compensation bias; Llama, and heads of Gemma 3 / Qwen3).")
+WidthMultipleOpt = typer.Option(32, "--width-multiple", help="--structure: the intermediate size is rounded to a multiple of this.")
 
 _session = {"debug": False, "command": None}  # set by the global options, read by run() when a command fails
 
@@ -147,12 +153,8 @@ def prune(
     refine: str = typer.Option("none", "--refine", help="none | dsnot: refine a score method's mask by DSnoT's pruning-and-growing (before any --update)."),
     dsnot_cycles: Optional[int] = typer.Option(None, "--dsnot-cycles", help="DSnoT: at most this many swaps per row (default 50)."),
     dsnot_threshold: Optional[float] = typer.Option(None, "--dsnot-threshold", help="DSnoT: a row stops once its expected error per token |eps| is at most this (default 0.1)."),
-    structure: Optional[str] = typer.Option(None, "--structure", help="Structured pruning into a smaller dense model: comma list of mlp (intermediate channels), heads (whole KV groups with their query heads), blocks (ShortGPT block importance)."),
-    remove: Optional[float] = typer.Option(None, "--remove", help="--structure: fraction in (0, 1) of the decoder blocks' parameters to remove (uniform widths)."),
-    widths: Optional[str] = typer.Option(None, "--widths", help="--structure: explicit widths instead of --remove, e.g. intermediate_size=1216,num_key_value_heads=2,num_hidden_layers=26."),
-    importance: str = typer.Option("wanda-sp", "--importance", help="--structure: channel score: wanda-sp | flap | magnitude."),
-    restore: str = typer.Option("none", "--restore", help="--structure: none | lsq (re-fit down_proj/o_proj on the kept channels) | bias (FLAP's compensation bias; Llama, and heads of Gemma 3 / Qwen3)."),
-    width_multiple: int = typer.Option(32, "--width-multiple", help="--structure: the intermediate size is rounded to a multiple of this."),
+    structure: Optional[str] = StructureOpt, remove: Optional[float] = RemoveOpt, widths: Optional[str] = WidthsOpt,
+    importance: str = ImportanceOpt, restore: str = RestoreOpt, width_multiple: int = WidthMultipleOpt,
     calib: str = typer.Option("c4", "--calib", help="c4 | wikitext2 | path to a .txt or .jsonl (text field) file."),
     nsamples: int = typer.Option(128, "--nsamples", help="Number of calibration windows."),
     seqlen: int = typer.Option(2048, "--seqlen", help="Calibration window length in tokens."),
@@ -181,11 +183,10 @@ def prune(
 ) -> None:
     """Prune a model in one shot, evaluating it before and after.
 
-    With --out, the output is built in a hidden sibling folder, one shard per block written as the
-    run goes; that is also the saved progress: running the same command again after a crash or
-    Ctrl-C continues from the last finished block (streamed and torchrun runs too).
-    Under `torchrun --nproc-per-node K -m llmprune prune ...` the calibration batches are split over
-    the K processes (one GPU each) and their statistics summed; rank 0 evaluates, reports and saves.
+    With --out, the output is built in a hidden sibling folder, one shard per block written as the run goes: the
+    saved progress, so the same command again after a crash or Ctrl-C continues from the last finished block.
+    Under `torchrun --nproc-per-node K -m llmprune prune ...` the calibration batches are split over K processes
+    (one GPU each), statistics summed; rank 0 evaluates, reports, saves. --structure: a smaller dense model.
     """
     from .job import PruneJob
 
