@@ -218,3 +218,18 @@ def test_cli_refuses_an_unsupported_architecture(tmp_path, tokenizer, ddir):
                  "--seqlen", 16, "--data-dir", ddir, "--device", "cpu", "--no-progress")
     assert res.exit_code == 2 and "--structure: structured pruning supports" in res.output
     assert "OPTForCausalLM" in res.output
+
+
+def test_compare_lists_a_structured_run(tiny_folder, tmp_path, ddir):
+    from llmprune.compare import runs_of
+
+    rep = tmp_path / "run.json"
+    res = invoke("prune", "--model", tiny_folder, "--structure", "mlp", "--remove", 0.25, "--width-multiple", 8,
+                 "--importance", "magnitude", "--eval", "wikitext2", "--max-eval-windows", 1, "--seqlen", 32,
+                 "--report", rep, "--data-dir", ddir, "--no-progress", "--device", "cpu", "--dtype", "float32")
+    assert res.exit_code == 0, res.output
+    report = json.loads(rep.read_text())
+    assert report["calibration"] is None  # magnitude without restoration: no calibration forward
+    dense, pruned = runs_of([report])
+    assert dense["method"] == "dense" and pruned["pattern"] == "mlp"
+    assert pruned["sparsity"] == pytest.approx(report["structured"]["removed_fraction"])
