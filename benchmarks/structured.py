@@ -102,7 +102,8 @@ def run_ppl(args) -> None:
         report.write_json(out, result)
     done = {(r["label"], r.get("remove")) for r in result["rows"]}
     for run in ppl_runs(args.structure):
-        if (run[0], run[4]) in done or (args.only and run[0] not in args.only):
+        if (run[0], run[4]) in done or (args.only and run[0] not in args.only) or \
+                (args.removes and run[4] not in args.removes):
             continue
         row = ppl_row(args, tok, tokens, calib, wins, device, dtype, run)
         result["rows"].append(row)
@@ -246,6 +247,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--eval-seqlen", type=int, default=512)
     ap.add_argument("--eval-windows", type=int, default=32)
     ap.add_argument("--only", nargs="*", default=None, help="ppl: only these labels")
+    ap.add_argument("--removes", nargs="*", type=float, default=None, help="ppl: only these fractions")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--prefill", type=int, default=512, help="speed: tokens per prefill window")
     ap.add_argument("--prompt", type=int, default=128)
