@@ -429,9 +429,11 @@ def structured_table(path: Path) -> str:
                 continue
             ppl, gap = got[v]["perplexity"], base.get(v)
             closed = f" ({100 * (gap - ppl) / (gap - dense):+.0f}%)" if gap is not None and label != "wanda-sp+none" else ""
-            extra = f" [{100 * got[v]['removed_fraction']:.1f}%]" if got[v]["structure"] == "blocks" else ""
+            extra = (f" [{got[v]['widths']['num_hidden_layers']} blocks, {100 * got[v]['removed_fraction']:.1f}%]"
+                     if got[v]["structure"] == "blocks" else "")
             cells.append(f"{ppl:.1f}{closed}{extra}")
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        name = f"{label} (blocks only)" if label == "shortgpt" else label
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return head + "\n".join(lines)
 
 
@@ -440,8 +442,9 @@ def structured_speed_table(path: Path) -> str:
     r = json.loads(path.read_text())
     p, pr = r["protocol"], r["pruned"]
     w = pr["widths"]
-    head = (f"{r['model']} on {r['device']} ({r['machine']['gpu'] or r['machine']['cpu']}, {r['machine']['threads']} "
-            f"threads), {r['dtype']}; pruned {pr['settings']['structures']} with {pr['settings']['importance']} to "
+    n = r["machine"]["threads"]
+    head = (f"{r['model']} on {r['device']} ({r['machine']['gpu'] or r['machine']['cpu']}, {n} "
+            f"thread{'s' if n != 1 else ''}), {r['dtype']}; pruned {','.join(pr['settings']['structures'])} with {pr['settings']['importance']} to "
             f"intermediate {w['intermediate_size']}, {w['num_key_value_heads']} KV heads, {w['num_hidden_layers']} blocks: "
             f"{100 * pr['removed_fraction']:.1f}% of the decoder's parameters, {100 * pr['model_removed_fraction']:.1f}% "
             f"of the model's. Prefill: batch {p['batch']} x {p['prefill']} tokens; decode: {p['steps']} greedy steps "
