@@ -444,7 +444,8 @@ def structured_speed_table(path: Path) -> str:
     w = pr["widths"]
     n = r["machine"]["threads"]
     head = (f"{r['model']} on {r['device']} ({r['machine']['gpu'] or r['machine']['cpu']}, {n} "
-            f"thread{'s' if n != 1 else ''}), {r['dtype']}; pruned {','.join(pr['settings']['structures'])} with {pr['settings']['importance']} to "
+            f"thread{'s' if n != 1 else ''}), {r['dtype']}; pruned {','.join(pr['settings']['structures'])} with "
+            f"{pr['settings']['importance'] or 'ShortGPT block importance'} to "
             f"intermediate {w['intermediate_size']}, {w['num_key_value_heads']} KV heads, {w['num_hidden_layers']} blocks: "
             f"{100 * pr['removed_fraction']:.1f}% of the decoder's parameters, {100 * pr['model_removed_fraction']:.1f}% "
             f"of the model's. Prefill: batch {p['batch']} x {p['prefill']} tokens; decode: {p['steps']} greedy steps "
@@ -480,6 +481,7 @@ if __name__ == "__main__":
                      ("cli_e2e_smollm2_h200.json", cli_e2e_real_table), ("alps_smollm2.json", alps_table),
                      ("structured_smollm2.json", structured_table),
                      ("structured_speed_smollm2_cpu.json", structured_speed_table),
+                     ("structured_speed_blocks_smollm2_cpu.json", structured_speed_table),
                      ("structured_speed_llama2_7b_h200.json", structured_speed_table)]:
         if (RESULTS / name).is_file():
             print(f"<!-- {name} -->\n{fn(RESULTS / name)}\n")
