@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from . import surgery
 from .activations import ActivationStore
 from .capture import collect_statistics
+from .errors import UsageError
 from .guards import check_finite
 from .methods.channels import IMPORTANCE, compensation_bias, cosine_sum, group_scores, keep_top
 from .methods.update import lsq_columns
@@ -56,8 +57,6 @@ def prune_structured_blocks(model, tokens: torch.Tensor | None, opts: Structured
 
 def _check_biases(model, opts: Structured, widths: Widths, shape) -> None:
     """``--restore bias`` needs a config flag for each bias it adds; refused with one line where there is none."""
-    from .errors import UsageError
-
     if opts.restore != "bias":
         return
     for part, shrunk in (("heads", widths.num_key_value_heads < shape.kv_heads),
