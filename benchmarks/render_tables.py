@@ -449,6 +449,73 @@ def prune_time_gpu_table(path: Path) -> str:
             f"{model}.\n\n" + "\n".join(sel))
 
 
+def structured_table(path: Path) -> str:
+    """benchmarks/structured.py ppl: perplexity per importance + restoration and fraction of the decoder removed,
+    with the share of the gap between Wanda-sp (no restoration) and dense each row closes."""
+    r = json.loads(path.read_text())
+    cal, ev = r["protocol"]["calibration"], r["protocol"]["eval"]
+    rows = [x for x in r["rows"] if x["label"] != "dense" and "perplexity" in x]
+    dense = next(x["perplexity"] for x in r["rows"] if x["label"] == "dense")
+    removes = sorted({x["remove"] for x in rows})
+    head = (f"{r['model']['spec']} on {r['device']} ({r['machine']['threads']} threads), {r['dtype']}; structure "
+            f"{r['protocol']['structure']} (uniform widths, MLP width a multiple of {r['protocol']['width_multiple']}); "
+            f"calibration {cal['nsamples']} x {cal['seqlen']} C4 tokens, seed {cal['seed']}; WikiText-2 test, "
+            f"{ev['seqlen']}-token windows, first {ev['windows']}; dense {dense:.2f}. Cells: perplexity (share of the "
+            "Wanda-sp gap closed); - = not run.\n\n")
+    base = {x["remove"]: x["perplexity"] for x in rows if x["label"] == "wanda-sp+none"}
+    lines = ["| importance + restoration | " + " | ".join(f"{round(100 * v)}%" for v in removes) + " |",
+             "|---|" + "---:|" * len(removes)]
+    widths = {v: next((x for x in rows if x["remove"] == v and x["structure"] != "blocks"), None) for v in removes}
+    lines.append("| widths (intermediate / KV heads / blocks), removed | " + " | ".join(
+        "-" if w is None else f"{w['widths']['intermediate_size']} / {w['widths']['num_key_value_heads']} / "
+        f"{w['widths']['num_hidden_layers']}, {100 * w['removed_fraction']:.1f}%" for w in widths.values()) + " |")
+    for label in dict.fromkeys(x["label"] for x in rows):
+        got = {x["remove"]: x for x in rows if x["label"] == label}
+        cells = []
+        for v in removes:
+            if v not in got:
+                cells.append("-")
+                continue
+            ppl, gap = got[v]["perplexity"], base.get(v)
+            closed = f" ({100 * (gap - ppl) / (gap - dense):+.0f}%)" if gap is not None and label != "wanda-sp+none" else ""
+            extra = (f" [{got[v]['widths']['num_hidden_layers']} blocks, {100 * got[v]['removed_fraction']:.1f}%]"
+                     if got[v]["structure"] == "blocks" else "")
+            cells.append(f"{ppl:.1f}{closed}{extra}")
+        name = f"{label} (blocks only)" if label == "shortgpt" else label
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return head + "\n".join(lines)
+
+
+def structured_speed_table(path: Path) -> str:
+    """benchmarks/structured.py speed: the saved dense and pruned models in plain transformers, side by side."""
+    r = json.loads(path.read_text())
+    p, pr = r["protocol"], r["pruned"]
+    w = pr["widths"]
+    n = r["machine"]["threads"]
+    head = (f"{r['model']} on {r['device']} ({r['machine']['gpu'] or r['machine']['cpu']}, {n} "
+            f"thread{'s' if n != 1 else ''}), {r['dtype']}; pruned {','.join(pr['settings']['structures'])} with "
+            f"{pr['settings']['importance'] or 'ShortGPT block importance'} to "
+            f"intermediate {w['intermediate_size']}, {w['num_key_value_heads']} KV heads, {w['num_hidden_layers']} blocks: "
+            f"{100 * pr['removed_fraction']:.1f}% of the decoder's parameters, {100 * pr['model_removed_fraction']:.1f}% "
+            f"of the model's. Prefill: batch {p['batch']} x {p['prefill']} tokens; decode: {p['steps']} greedy steps "
+            f"after a {p['prompt']}-token prompt, KV cache; median of {p['repeats']} interleaved repeats after "
+            f"{p['warmup']} warm-up.\n\n")
+    cpu = r["device"] == "cpu" and "prefill_tok_cpu_s" in r["speedup"]
+    cols = [("prefill_tok_s", "prefill tokens/s"), ("decode_tok_s", "decode tokens/s")]
+    if cpu:
+        head += f"Load average during the run {r['load_average'][0]:.1f} (a shared machine): CPU-time columns too.\n\n"
+        cols += [("prefill_tok_cpu_s", "prefill tokens per CPU s"), ("decode_tok_cpu_s", "decode tokens per CPU s")]
+    lines = ["| model | parameters | " + " | ".join(c for _, c in cols) + " |", "|---|---:|" + "---:|" * len(cols)]
+    params = {"dense": pr["params"]["model_before"], "pruned": pr["params"]["model_after"]}
+    for name in ("dense", "pruned"):
+        t = r["timings"][name]
+        lines.append(f"| {name} | {params[name] / 1e6:.1f} M | " + " | ".join(f"{t[k]:.1f}" for k, _ in cols) + " |")
+    sp = r["speedup"]
+    lines.append(f"| pruned / dense | {params['pruned'] / params['dense']:.3f} | "
+                 + " | ".join(f"{sp[k]:.2f}x" for k, _ in cols) + " |")
+    return head + "\n".join(lines)
+
+
 if __name__ == "__main__":
     for name, fn in [("paper_table_smollm2.json", paper_table), ("prune_time_smollm2.json", prune_time_table),
                      ("gpu_check_h200.json", gpu_table), ("gpu_scale_h200.json", gpu_scale_table),
@@ -461,7 +528,11 @@ if __name__ == "__main__":
                      ("cli_e2e_smollm2_cpu.json", cli_e2e_real_table), ("cli_e2e_h200.json", cli_e2e_model_table),
                      ("cli_e2e_h200_cuda_side_thread.json", cli_e2e_model_table),
                      ("perm_gather_h200.json", perm_gather_table), ("prune_time_h200.json", prune_time_gpu_table),
-                     ("cli_e2e_smollm2_h200.json", cli_e2e_real_table), ("alps_smollm2.json", alps_table)]:
+                     ("cli_e2e_smollm2_h200.json", cli_e2e_real_table), ("alps_smollm2.json", alps_table),
+                     ("structured_smollm2.json", structured_table),
+                     ("structured_speed_smollm2_cpu.json", structured_speed_table),
+                     ("structured_speed_blocks_smollm2_cpu.json", structured_speed_table),
+                     ("structured_speed_llama2_7b_h200.json", structured_speed_table)]:
         if (RESULTS / name).is_file():
             print(f"<!-- {name} -->\n{fn(RESULTS / name)}\n")
         else:

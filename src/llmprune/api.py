@@ -26,6 +26,8 @@ from .methods import get_method
 from .models import context_length, needs_bos
 from .patterns import Pattern, Unstructured, parse_pattern
 from .runner import LayerResult, prune_blocks
+from . import surgery
+from .structured import Structured, StructuredResult
 
 
 TARGET_TOLERANCE = 1e-4
@@ -160,6 +162,44 @@ def prune(
                    device, world, checkpoint)
 
 
+@torch.no_grad()
+def prune_structured(
+    model, tokenizer=None, *, structure: Structured | str = "mlp,heads", remove: float | None = None,
+    widths: dict | str | None = None, importance: str = "wanda-sp", restore: str = "none", width_multiple: int = 32,
+    calibration: Calibration | None = None, calib_tokens: torch.Tensor | None = None,
+    device: str | torch.device = "auto", batch_size: int = 8, data_dir: str | Path | None = None,
+    progress: bool = True,
+) -> StructuredResult:
+    """Shrink ``model`` in place into a smaller dense model of the same class, block by block.
+
+    ``structure``: a ``Structured`` or a comma list of mlp, heads, blocks; ``remove``: the fraction of the
+    decoder blocks' parameters to remove, or ``widths`` ({"intermediate_size": 1216, ...} or
+    "intermediate_size=1216,...") instead. ``importance``: wanda-sp | flap | magnitude; ``restore``: none | lsq |
+    bias. Widths are the same in every block, so ``model.save_pretrained`` gives a folder that plain
+    ``from_pretrained`` loads. A separate call from ``prune``: the model changes shape instead of holding
+    zeros, and none of ``prune``'s pattern options apply.
+    """
+    from .structured_runner import prune_structured_blocks
+
+    opts = structure if isinstance(structure, Structured) else Structured.parse(
+        structure, remove, widths, importance, restore, width_multiple)
+    device = device if isinstance(device, torch.device) else resolve_device(device)
+    if batch_size < 1:
+        raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
+    surgery.check_supported(model)
+    was_training = model.training
+    model.eval()
+    tokens, info = None, None
+    if opts.needs_calibration:
+        tokens, info = _draw_calibration(model, tokenizer, calibration, calib_tokens, data_dir)
+    with deterministic(device):
+        result = prune_structured_blocks(model, tokens, opts, device, batch_size, progress)
+    synchronize(device)
+    model.train(was_training)
+    result.calibration = info
+    return result
+
+
 def _result(method, pattern, layers, seconds: float, calib_info, settings, determinism, estimate, device, world,
             checkpoint) -> PruneResult:
     """The run's record; the time spent waiting for the checkpoint's writer is apart from ``prune_s``."""
@@ -190,6 +230,11 @@ def _calibration_of(model, tokenizer, method, layerwise, calibration, calib_toke
     """(calibration tokens or None when nothing needs them, what the report says of them)."""
     if not (method.needs or isinstance(layerwise, OWL)):
         return None, None
+    return _draw_calibration(model, tokenizer, calibration, calib_tokens, data_dir)
+
+
+def _draw_calibration(model, tokenizer, calibration, calib_tokens, data_dir):
+    """(the calibration tokens: ``calib_tokens``, or drawn from ``calibration``; what the report says of them)."""
     if calib_tokens is None:
         calibration = calibration or Calibration()
         tokens = calibration_tokens(model, tokenizer, calibration, data_dir)

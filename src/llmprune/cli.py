@@ -31,6 +31,18 @@ ProgressOpt = typer.Option(True, "--progress/--no-progress", help="Progress bars
 LimitOpt = typer.Option(None, "--limit", help="Zero-shot: only the first N examples of each task.")
 ZsBatchOpt = typer.Option(None, "--eval-batch-size", help="Zero-shot: requests per forward pass (default 1 on CPU, 16 on GPU).")
 
+StructureOpt = typer.Option(None, "--structure", help="Structured pruning into a smaller dense model: comma list of mlp (intermediate channels), heads (whole KV groups with their query heads), blocks (ShortGPT block importance).")
+RemoveOpt = typer.Option(None, "--remove", help="--structure: fraction in (0, 1) of the decoder blocks' parameters to remove (uniform widths).")
+WidthsOpt = typer.Option(None, "--widths", help="--structure: explicit widths instead of --remove, e.g. intermediate_size=1216,num_key_value_heads=2,num_hidden_layers=26.")
+ImportanceOpt = typer.Option("wanda-sp", "--importance", help="--structure: channel score: wanda-sp | flap | magnitude.")
+RestoreOpt = typer.Option("none", "--restore", help="--structure: none | lsq (re-fit down_proj/o_proj on the kept channels) | bias (FLAP's compensation bias; Llama, and heads of Gemma 3 / Qwen3).")
+WidthMultipleOpt = typer.Option(32, "--width-multiple", help="--structure: the intermediate size is rounded to a multiple of this.")
+OwlMOpt = typer.Option(5.0, "--owl-m", help="OWL: a score is an outlier above M x its block's mean score.")
+OwlLambdaOpt = typer.Option(0.08, "--owl-lambda", help="OWL: the spread of block sparsities around --sparsity (paper: a band 2 x lambda wide; llmprune: within +- lambda).")
+OwlVariantOpt = typer.Option(None, "--owl-variant", help="OWL: paper (the OWL code's min-max mapping, default) | llmprune (blocks within --sparsity +- lambda).")
+DsnotCyclesOpt = typer.Option(None, "--dsnot-cycles", help="DSnoT: at most this many swaps per row (default 50).")
+DsnotThresholdOpt = typer.Option(None, "--dsnot-threshold", help="DSnoT: a row stops once its error |eps| is at most this (default 0.1; per calibration window for paper, per token for llmprune).")
+DsnotVariantOpt = typer.Option(None, "--dsnot-variant", help="DSnoT: paper (the DSnoT code's error scale and swap rules, default) | llmprune (error per token; a swap must lower |eps|; N:M prunes by Wanda's score, opposite sign).")
 
 _session = {"debug": False, "command": None}  # set by the global options, read by run() when a command fails
 
@@ -89,8 +101,19 @@ def _print_outcome(outcome) -> None:
     _print_summary(outcome.report, outcome.report_path, outcome.out)
 
 
+def _say_structured(say, report: dict) -> None:
+    st = report["structured"]
+    w, p = st["widths"], st["params"]
+    say(f"widths: intermediate_size {st['widths_before']['intermediate_size']} -> {w['intermediate_size']}, "
+        f"num_key_value_heads {st['widths_before']['num_key_value_heads']} -> {w['num_key_value_heads']}, "
+        f"num_hidden_layers {st['widths_before']['num_hidden_layers']} -> {w['num_hidden_layers']}")
+    say(f"decoder parameters {p['decoder_before']:,} -> {p['decoder_after']:,} ({100 * st['removed_fraction']:.1f}% "
+        f"removed; whole model {100 * st['model_removed_fraction']:.1f}%) on {report['device']} in {report['dtype']}")
+
+
 def _print_summary(report: dict, report_path: Path | None = None, out: Path | None = None) -> None:
-    table = Table(title=f"{report['model']['spec']}: {report['method']} {report['pattern']}",
+    kind = report.get("pattern") or ",".join(report["structured"]["settings"]["structures"])
+    table = Table(title=f"{report['model']['spec']}: {report['method']} {kind}",
                   caption=f"perplexity: lower is better; {report['device']}, {report['dtype']}" if report["perplexity"] else None)
     table.add_column("set")
     table.add_column("seqlen x windows", justify="right")
@@ -105,8 +128,11 @@ def _print_summary(report: dict, report_path: Path | None = None, out: Path | No
                                                              f"limit {h['limit']}; mean acc_norm uses acc where a task has no acc_norm)"))
     t = report["time"]
     say = Console(soft_wrap=True, highlight=False).print  # whole lines: a narrow terminal folds them, never cuts
-    say(f"sparsity {report['sparsity_overall']:.4f} (target {report['sparsity_target']:.4f}) on {report['device']} "
-        f"in {report['dtype']}")
+    if "structured" in report:
+        _say_structured(say, report)
+    else:
+        say(f"sparsity {report['sparsity_overall']:.4f} (target {report['sparsity_target']:.4f}) on {report['device']} "
+            f"in {report['dtype']}")
     say(f"time: load {t['load_s']:.1f}s  prune {t['prune_s']:.1f}s  save {t.get('save_s', 0.0):.1f}s  "
         f"eval {t['eval_s']:.1f}s")
     if out is not None:
@@ -127,33 +153,28 @@ def prune(
     pattern: str = typer.Option("unstructured", "--pattern", help="unstructured, or N:M (e.g. 2:4, 4:8, 1:4)."),
     scope: Optional[str] = typer.Option(None, "--scope", help="Unstructured: row | matrix, where scores are compared (default: the method's own; row for wanda, matrix for magnitude and ria)."),
     layerwise: str = typer.Option("uniform", "--layerwise", help="Per-block sparsity (unstructured): uniform | owl | comma list | file of sparsities."),
-    owl_m: float = typer.Option(5.0, "--owl-m", help="OWL: a score is an outlier above M x its block's mean score."),
-    owl_lambda: float = typer.Option(0.08, "--owl-lambda", help="OWL: the spread of block sparsities around --sparsity (paper: a band 2 x lambda wide; llmprune: within +- lambda)."),
-    owl_variant: Optional[str] = typer.Option(None, "--owl-variant", help="OWL: paper (the OWL code's min-max mapping, default) | llmprune (blocks within --sparsity +- lambda)."),
-    permute: bool = typer.Option(False, "--permute", help="N:M: choose masks on permuted input channels (wanda, ria, magnitude)."),
+    owl_m: float = OwlMOpt, owl_lambda: float = OwlLambdaOpt, owl_variant: Optional[str] = OwlVariantOpt,
+    permute: bool = typer.Option(False, "--permute", help="N:M: choose masks on permuted input channels (wanda, ria, magnitude, alps)."),
     update: str = typer.Option("none", "--update", help="none | lsq: re-fit the kept weights by least squares after the mask."),
     refine: str = typer.Option("none", "--refine", help="none | dsnot: refine a score method's mask by DSnoT's pruning-and-growing (before any --update)."),
-    dsnot_cycles: Optional[int] = typer.Option(None, "--dsnot-cycles", help="DSnoT: at most this many swaps per row (default 50)."),
-    dsnot_threshold: Optional[float] = typer.Option(None, "--dsnot-threshold", help="DSnoT: a row stops once its error |eps| is at most this (default 0.1; per calibration window for paper, per token for llmprune)."),
-    dsnot_variant: Optional[str] = typer.Option(None, "--dsnot-variant", help="DSnoT: paper (the DSnoT code's error scale and swap rules, default) | llmprune (error per token; a swap must lower |eps|; N:M prunes by Wanda's score, opposite sign)."),
+    dsnot_cycles: Optional[int] = DsnotCyclesOpt, dsnot_threshold: Optional[float] = DsnotThresholdOpt,
+    dsnot_variant: Optional[str] = DsnotVariantOpt,
+    structure: Optional[str] = StructureOpt, remove: Optional[float] = RemoveOpt, widths: Optional[str] = WidthsOpt,
+    importance: str = ImportanceOpt, restore: str = RestoreOpt, width_multiple: int = WidthMultipleOpt,
     calib: str = typer.Option("c4", "--calib", help="c4 | wikitext2 | path to a .txt or .jsonl (text field) file."),
     nsamples: int = typer.Option(128, "--nsamples", help="Number of calibration windows."),
     seqlen: int = typer.Option(2048, "--seqlen", help="Calibration window length in tokens."),
     seed: int = typer.Option(0, "--seed", help="Seed of the calibration sampler."),
     calib_tokens: Optional[Path] = typer.Option(None, "--calib-tokens", help="A .npy int array (or a .pt tensor) [nsamples, seqlen] of token ids, used exactly."),
-    device: str = DeviceOpt,
-    dtype: str = DtypeOpt,
+    device: str = DeviceOpt, dtype: str = DtypeOpt,
     batch_size: int = typer.Option(8, "--batch-size", help="Calibration windows per forward pass."),
     activations: str = typer.Option("auto", "--activations", help="auto | gpu | cpu: where calibration hidden states live between blocks (auto: on the GPU when they fit, else pinned CPU memory)."),
     weights: str = typer.Option("auto", "--weights", help="auto | gpu | cpu: where the model's weights live while it is pruned on a GPU (auto: all on the GPU when the memory estimate fits, else cpu; gpu: all on the GPU, no block travels; cpu: in CPU memory, each block visits the GPU)."),
     stream_from_disk: bool = typer.Option(False, "--stream-from-disk", help="Read one block at a time from the model folder's safetensors files and write the pruned model block by block to --out (for models larger than CPU memory; needs --out and --eval '')."),
-    eval_sets: str = EvalOpt,
-    eval_seqlen: Optional[int] = EvalSeqOpt,
-    max_eval_windows: Optional[int] = MaxWinOpt,
+    eval_sets: str = EvalOpt, eval_seqlen: Optional[int] = EvalSeqOpt, max_eval_windows: Optional[int] = MaxWinOpt,
     eval_tasks: str = typer.Option("", "--eval-tasks", help="Zero-shot tasks through lm-eval, dense and pruned: "
                                    "boolq, rte, hellaswag, winogrande, arc_easy, arc_challenge, openbookqa, piqa."),
-    limit: Optional[int] = LimitOpt,
-    eval_batch_size: Optional[int] = ZsBatchOpt,
+    limit: Optional[int] = LimitOpt, eval_batch_size: Optional[int] = ZsBatchOpt,
     out: Optional[Path] = typer.Option(None, "--out", help="Save the pruned model (HF folder, safetensors) here."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out folder, or discard an unfinished run into it with other settings."),
     format: str = typer.Option("dense", "--format", help="dense (HF checkpoint with zeros) | compressed (packed; load with llmprune.load)."),
@@ -168,6 +189,7 @@ def prune(
     saved progress; the same command again after a crash or Ctrl-C continues from the last finished block (streamed
     and torchrun runs too). Under `torchrun --nproc-per-node K -m llmprune prune ...` the calibration batches are
     split over the K processes (one GPU each), their statistics summed; rank 0 evaluates, reports and saves.
+    --structure: a smaller dense model.
     """
     from .job import PruneJob
 
@@ -179,7 +201,9 @@ def prune(
         batch_size=batch_size, activations=activations, weights=weights, stream_from_disk=stream_from_disk,
         eval_sets=eval_sets, eval_seqlen=eval_seqlen, max_eval_windows=max_eval_windows, eval_tasks=eval_tasks,
         limit=limit, eval_batch_size=eval_batch_size, out=out, overwrite=overwrite, format=format, report=report,
-        data_dir=data_dir, trust_remote_code=trust_remote_code, progress=progress, evaluates=world.is_main))
+        data_dir=data_dir, trust_remote_code=trust_remote_code, progress=progress, evaluates=world.is_main,
+        structure=structure, remove=remove, widths=widths, importance=importance, restore=restore,
+        width_multiple=width_multiple))
 
 
 def _run_prune(device: str, make_job) -> None:

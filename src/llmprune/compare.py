@@ -66,7 +66,10 @@ def runs_of(reports: list[dict]) -> list[dict]:
             if dense:
                 runs.append({"method": "dense", "pattern": "-", "sparsity": 0.0, "metrics": dense, "layers": [],
                              "model": rep["model"].get("spec")})
-            runs.append({"method": rep["method"], "pattern": rep["pattern"], "sparsity": rep.get("sparsity_overall"),
+            structured = rep.get("structured")  # a structured run: its structures, and the fraction it removed
+            pattern = ",".join(structured["settings"]["structures"]) if structured else rep["pattern"]
+            sparsity = structured["removed_fraction"] if structured else rep.get("sparsity_overall")
+            runs.append({"method": rep["method"], "pattern": pattern, "sparsity": sparsity,
                          "metrics": _metrics(rep, "pruned"), "layers": rep.get("layers", []),
                          "model": rep["model"].get("spec")})
         else:  # an eval report: one model as it is

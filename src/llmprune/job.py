@@ -20,6 +20,7 @@ from .errors import UsageError
 from .layerwise import OWL, parse_layerwise
 from .methods import DSnoT, as_refine, get_method, wrapped
 from .patterns import Pattern, Unstructured, parse_pattern
+from .structured import Structured
 
 def check_combination(method, pattern: Pattern, layerwise) -> None:
     """The rules between a method, its pattern and a layer-wise sparsity (the job and ``api.prune`` both use it)."""
@@ -92,11 +93,36 @@ class PruneJob:
     save: SaveConfig
     data_dir: Path | None = None
     trust_remote_code: bool = False
+    structure: Structured | None = None
+    """Structured pruning (a smaller dense model) instead of a sparse mask; the method and pattern are then unused."""
 
     def __post_init__(self) -> None:
         check_combination(self.method, self.pattern, self.layerwise)
+        if self.structure is not None:
+            self._check_structured()
         if self.run.stream_from_disk:
             self._check_streaming()
+
+    def _check_structured(self) -> None:
+        """--structure removes channels, heads or blocks; the options of sparse masks do not apply to it."""
+        def refuse(what: str) -> None:
+            raise UsageError(f"--structure removes whole channels, heads or blocks; {what} is for sparse masks: "
+                             "drop one of them")
+
+        if not isinstance(self.pattern, Unstructured):
+            refuse(f"--pattern {self.pattern}")
+        if self.pattern.sparsity != 0.5:
+            refuse("--sparsity (give the amount with --remove)")
+        if self.layerwise is not None:
+            refuse("--layerwise")
+        if len(list(wrapped(self.method))) > 1 or getattr(self.method, "permute", False):
+            refuse("--permute / --refine / --update (restoration is --restore)")
+        if self.method.name != "wanda" or getattr(self.method, "variant", False):
+            refuse(f"--method {self.method.name} (the score is --importance)")
+        if self.run.stream_from_disk:
+            refuse("--stream-from-disk")
+        if self.save.format != "dense":
+            raise UsageError("--structure saves a smaller dense model; drop --format or use --format dense")
 
     def _check_streaming(self) -> None:
         if self.save.out is None:
@@ -109,6 +135,8 @@ class PruneJob:
 
     @property
     def needs_calibration(self) -> bool:
+        if self.structure is not None:
+            return self.structure.needs_calibration
         return bool(self.method.needs) or isinstance(self.layerwise, OWL)
 
     @classmethod
@@ -125,7 +153,9 @@ class PruneJob:
                    limit: int | None = None, eval_batch_size: int | None = None, out: Path | None = None,
                    overwrite: bool = False, format: str = "dense", report: Path | None = None,
                    data_dir: Path | None = None, trust_remote_code: bool = False, progress: bool = True,
-                   evaluates: bool = True) -> PruneJob:
+                   evaluates: bool = True, structure: str | None = None, remove: float | None = None,
+                   widths: str | None = None, importance: str = "wanda-sp", restore: str = "none",
+                   width_multiple: int = 32) -> PruneJob:
         """The job of `llmprune prune`'s flags, every string parsed here. ``evaluates``: False on the torchrun ranks
         that only take a share of the calibration (rank 0 evaluates)."""
         method_obj = get_method(method, permute=permute, update=update,
@@ -143,8 +173,23 @@ class PruneJob:
         run = RunSettings(dev, devices.resolve_dtype(dtype, dev), batch_size, activations, weights, stream_from_disk,
                           progress)
         save = SaveConfig(out, overwrite, format, report)
+        structured = _structured_of(structure, remove, widths, importance, restore, width_multiple)
         return cls(model, method_obj, pattern_obj, layerwise_obj, calibration, calib_tokens, run, settings, zs, save,
-                   data_dir, trust_remote_code)
+                   data_dir, trust_remote_code, structured)
+
+
+def _structured_of(structure: str | None, remove: float | None, widths: str | None, importance: str, restore: str,
+                   multiple: int) -> Structured | None:
+    """``--structure`` with its options; the options alone are refused."""
+    if structure is None or not structure.strip():
+        given = [flag for flag, value, default in (("--remove", remove, None), ("--widths", widths, None),
+                                                   ("--importance", importance, "wanda-sp"),
+                                                   ("--restore", restore, "none"), ("--width-multiple", multiple, 32))
+                 if value != default]
+        if given:
+            raise UsageError(f"{', '.join(given)} set structured pruning: add --structure (e.g. --structure mlp,heads)")
+        return None
+    return Structured.parse(structure, remove, widths, importance, restore, multiple)
 
 
 def _refine_of(refine: str, cycles: int | None, threshold: float | None, variant: str | None) -> DSnoT | None:

@@ -96,6 +96,32 @@ def build_report(*, model: dict, result, device, dtype, times: dict, peak: dict,
     return report
 
 
+def build_structured_report(*, model: dict, result, device, dtype, times: dict, peak: dict, dense_ppl: dict,
+                            pruned_ppl: dict, eval_settings=None, zero_shot: dict | None = None,
+                            extra: dict | None = None) -> dict:
+    """The report of a structured run: its widths per block, parameters before and after, the fraction removed."""
+    report = {
+        "model": model,
+        "method": "structured",
+        "structured": result.to_report(),
+        "calibration": result.calibration,
+        "device": str(device),
+        "dtype": str(dtype).replace("torch.", ""),
+        "time": times,
+        "peak_memory_bytes": peak,
+        "perplexity": perplexity_table(dense_ppl, pruned_ppl),
+        "warnings": list(result.warnings),
+        "versions": versions(),
+    }
+    if zero_shot:
+        report["zero_shot"] = zero_shot
+    if eval_settings is not None:
+        report["evaluation"] = {"sets": list(eval_settings.sets), "seqlen": eval_settings.seqlen,
+                                "max_windows": eval_settings.max_windows}
+    report.update(extra or {})
+    return report
+
+
 def write_json(path: str | os.PathLike, payload: dict) -> None:
     """Write atomically: a temporary file beside the target, fsync, then rename."""
     from .integrity import write_json_atomic

@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import api, checkpoint, data, devices, export, integrity, layout, loading, memory, zeroshot
+from . import api, checkpoint, data, devices, export, integrity, layout, loading, memory, surgery, zeroshot
 from . import report as report_mod
 from .errors import UsageError
 from .job import EvalJob, PruneJob
@@ -127,6 +127,8 @@ class Evaluator:
 
 def run_prune(job: PruneJob, world) -> Outcome | None:
     """The whole `llmprune prune`; None on the torchrun ranks other than 0 (rank 0 evaluates, saves, reports)."""
+    if job.structure is not None:
+        return run_structured(job, world)
     startup_s = report_mod.process_age_s()  # interpreter, imports and parsing, before any of this run's work
     ddir = preflight(job)
     if not job.run.stream_from_disk:
@@ -166,6 +168,45 @@ def run_prune(job: PruneJob, world) -> Outcome | None:
              "startup_s": startup_s}
     return finish(job, lm, tok, info, result, (dense, pruned), evaluate.seconds, times, work, in_place,
                   placement, world, where)
+
+
+def run_structured(job: PruneJob, world) -> Outcome:
+    """`llmprune prune --structure ...`: load, calibrate, evaluate, shrink, evaluate again, save, report."""
+    if world.size > 1:
+        raise UsageError("--structure runs in one process; run it without torchrun")
+    startup_s = report_mod.process_age_s()
+    ddir = preflight(job)
+    devices.reset_peak_memory()
+    t0 = time.perf_counter()
+    lm, tok, info, _ = load(job, job.run.progress)
+    load_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    surgery.check_supported(lm)  # an unsupported architecture is refused before any evaluation
+    tokens, drawn_from = calibration(job, lm, tok, ddir)
+    calib_data_s = time.perf_counter() - t0
+    evaluate = Evaluator(job, lm, tok, ddir)
+    dense = evaluate("dense")
+    if evaluate.active:
+        lm.to("cpu")
+    result = api.prune_structured(lm, tok, structure=job.structure, calibration=drawn_from, calib_tokens=tokens,
+                                  device=job.run.device, batch_size=job.run.batch_size, data_dir=ddir,
+                                  progress=job.run.progress)
+    pruned = evaluate("pruned")
+    t0 = time.perf_counter()
+    staged = export.stage_pruned(lm.to("cpu"), tok, job.save.out, job.save.overwrite) if job.save.out else None
+    times = {"load_s": load_s, "calib_data_s": calib_data_s, "prune_s": result.prune_s, "eval_s": evaluate.seconds,
+             "save_s": time.perf_counter() - t0, "startup_s": startup_s}
+    payload = report_mod.build_structured_report(
+        model=info, result=result, device=job.run.device, dtype=job.run.dtype, times=times,
+        peak=devices.peak_memory_bytes(), dense_ppl=dense[0], pruned_ppl=pruned[0], eval_settings=job.eval,
+        zero_shot=report_mod.zero_shot_table(dense[1], pruned[1]),
+        extra={"command": sys.argv, "weights_sha256": integrity.state_sha256(lm),
+               "bytes_written": staged.bytes_written if staged else 0})
+    if staged is not None:
+        export.seal(staged, job.save.out, payload)
+    if job.save.report is not None:
+        report_mod.write_json(job.save.report, payload)
+    return Outcome(payload, job.save.out, job.save.report)
 
 
 def finish(job: PruneJob, lm, tok, info, result, evaluations, eval_s: float, times: dict, work, in_place: bool,

@@ -78,6 +78,31 @@ def exact_lsq(weight: torch.Tensor, keep: torch.Tensor, h: torch.Tensor, damp: f
     return out
 
 
+def lsq_columns(weight: torch.Tensor, kept: torch.Tensor, h: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
+    """The same fit when every row keeps the same input columns ``kept`` (structured pruning): the re-fitted
+    weight on those columns only, [rows, len(kept)].
+
+    With one kept set S the rows share one system, (H_SS + d I) W_S^T = H_S: W0^T + d W0_S^T, solved directly
+    (Cholesky, float64) instead of by ``lsq_update``'s conjugate gradients; the objective and the fallback of a
+    row that comes out worse than its sliced weights are the same.
+    """
+    w0, hd = weight.double(), h.double()
+    sliced = w0[:, kept]
+    mean_diag = hd.diagonal().mean()
+    if not torch.isfinite(mean_diag) or mean_diag <= 0:
+        return sliced.to(weight.dtype)
+    d = float(damp * mean_diag)
+    a = hd[kept][:, kept] + d * torch.eye(len(kept), dtype=torch.float64, device=hd.device)
+    rhs = hd[kept] @ w0.T + d * sliced.T
+    factor, info = torch.linalg.cholesky_ex(a)
+    fitted = torch.cholesky_solve(rhs, factor).T if int(info) == 0 else torch.linalg.lstsq(a, rhs).solution.T
+    full_fit, full_sliced = torch.zeros_like(w0), torch.zeros_like(w0)
+    full_fit[:, kept], full_sliced[:, kept] = fitted, sliced
+    bad = ~torch.isfinite(fitted).all(dim=1) | (row_errors(full_fit, w0, hd) > row_errors(full_sliced, w0, hd))
+    fitted[bad] = sliced[bad]
+    return fitted.to(weight.dtype)
+
+
 @dataclass(frozen=True)
 class WithUpdate:
     """Any method's mask, then ``lsq_update`` of the kept weights (needs the Hessian statistic)."""

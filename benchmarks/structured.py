@@ -1,0 +1,272 @@
+"""Structured pruning: WikiText-2 perplexity of each importance x restoration at 10/20/30% of the decoder's
+parameters removed, and the speed of the saved models in plain transformers, dense against pruned.
+
+``ppl`` (the README's small CPU protocol): 32 C4 calibration windows x 512 tokens, seed 0; WikiText-2 test, the
+first 32 windows of 512; float32. Every row starts from freshly loaded weights with the same calibration tokens
+and windows, and goes through ``llmprune.prune_structured``, the function the command calls. Rows are written as
+they finish; a rerun with the same --out skips them.
+
+    python benchmarks/structured.py ppl --out benchmarks/results/structured_smollm2.json
+
+``speed``: the dense model and the pruned one are saved, each loaded back with plain
+``AutoModelForCausalLM.from_pretrained``, and timed side by side in one process, interleaved: prefill (one
+forward of batch x seqlen tokens, logits of the last position only) and greedy decode with the KV cache
+(steps after a prompt), warm-up first, the median of the repeats. Each timing is kept as wall time and as the
+process's CPU time: on a shared CPU, a one-thread run's CPU time (``--threads 1``) is the steadier measure.
+
+    python benchmarks/structured.py speed --remove 0.2 --out benchmarks/results/structured_speed_smollm2_cpu.json
+    python benchmarks/structured.py speed --shape llama-2-7b --device cuda --dtype bfloat16 --out speed_7b.json
+
+``--shape`` builds a model of that shape from its config with random weights (no download, nothing read);
+it is pruned with ``magnitude`` importance (no calibration), which gives the same widths any importance would.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from llmprune import api, data, devices, loading, report
+from llmprune.config import Calibration
+from llmprune.evaluate import perplexity, windows_of
+
+SHAPES = {
+    "llama-2-7b": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                       num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096),
+    "tiny": dict(vocab_size=512, hidden_size=64, intermediate_size=256, num_hidden_layers=4,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024),
+}
+IMPORTANCES = ("wanda-sp", "flap", "magnitude")
+RESTORES = ("none", "lsq", "bias")
+REMOVES = (0.2, 0.1, 0.3)
+
+
+def ppl_runs(structure: str):
+    """(label, structure, importance, restore, remove) in priority order: 20% first."""
+    for remove in REMOVES:
+        for importance in IMPORTANCES:
+            for restore in RESTORES:
+                yield f"{importance}+{restore}", structure, importance, restore, remove
+        yield "shortgpt", "blocks", "magnitude", "none", remove
+
+
+def ppl_row(args, tok, tokens, calib, wins, device, dtype, run) -> dict:
+    label, structure, importance, restore, remove = run
+    model, _, _ = loading.load_model(args.model, dtype)
+    try:
+        res = api.prune_structured(model, tok, structure=structure, remove=remove, importance=importance,
+                                   restore=restore, width_multiple=args.width_multiple, calib_tokens=tokens,
+                                   calibration=calib, device=device, progress=False)
+    except Exception as exc:  # e.g. --restore bias on a config without the flag: recorded, not fatal
+        return {"label": label, "structure": structure, "remove": remove, "error": str(exc)}
+    t0 = time.perf_counter()
+    ppl = perplexity(model.to(device), wins, device, max(1, 4096 // args.eval_seqlen), progress=False).perplexity
+    return {"label": label, "structure": structure, "importance": importance, "restore": restore, "remove": remove,
+            "perplexity": ppl, "removed_fraction": res.removed_fraction,
+            "model_removed_fraction": res.model_removed_fraction, "widths": res.widths.to_dict(),
+            "params": res.params, "prune_s": res.prune_s, "eval_s": time.perf_counter() - t0,
+            "threads": torch.get_num_threads(), "settings": res.options.settings()}
+
+
+def run_ppl(args) -> None:
+    device = devices.resolve_device(args.device)
+    dtype = devices.resolve_dtype(args.dtype, device)
+    ddir = data.data_dir(None)
+    model, tok, info = loading.load_model(args.model, dtype)
+    calib = Calibration("c4", args.nsamples, args.seqlen, 0)
+    protocol = {"calibration": calib.to_dict(), "eval": {"set": "wikitext2", "seqlen": args.eval_seqlen,
+                                                         "windows": args.eval_windows},
+                "structure": args.structure, "width_multiple": args.width_multiple}
+    out = Path(args.out)
+    result = json.loads(out.read_text()) if out.is_file() else None
+    if result is not None and result.get("protocol") != protocol:
+        raise SystemExit(f"{out} holds another protocol; choose another --out")
+    tokens = api.calibration_tokens(model, tok, calib, ddir)
+    bos = tok.bos_token_id if api.needs_bos(model) else None
+    wins = windows_of(data.eval_tokens(tok, "wikitext2", args.eval_seqlen, ddir), args.eval_seqlen,
+                      args.eval_windows, bos)
+    if result is None:
+        dense = perplexity(model, wins, device, max(1, 4096 // args.eval_seqlen), progress=False).perplexity
+        result = {"model": info, "device": str(device), "dtype": str(dtype).replace("torch.", ""),
+                  "machine": machine(), "protocol": protocol, "versions": report.versions(),
+                  "rows": [{"label": "dense", "perplexity": dense, "removed_fraction": 0.0}]}
+        report.write_json(out, result)
+    done = {(r["label"], r.get("remove")) for r in result["rows"]}
+    for run in ppl_runs(args.structure):
+        if (run[0], run[4]) in done or (args.only and run[0] not in args.only) or \
+                (args.removes and run[4] not in args.removes):
+            continue
+        row = ppl_row(args, tok, tokens, calib, wins, device, dtype, run)
+        result["rows"].append(row)
+        report.write_json(out, result)
+        print(json.dumps({k: row.get(k) for k in ("label", "remove", "perplexity", "removed_fraction", "error")}),
+              flush=True)
+
+
+def machine() -> dict:
+    return {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+
+
+# ---------------------------------------------------------------- speed
+
+
+def shape_model(shape: str, dtype, device):
+    """A Llama of ``shape`` from its config, random weights, on ``device``."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(LlamaConfig(**SHAPES[shape]), dtype=dtype)
+    return model.eval(), None
+
+
+def save_pair(args, device, dtype, folder: Path) -> dict:
+    """Save the dense model and its pruned copy into ``folder``/dense and ``folder``/pruned; what was pruned."""
+    if args.shape:
+        model, tok = shape_model(args.shape, dtype, device)
+    else:
+        model, tok, _ = loading.load_model(args.model, dtype)
+    model.save_pretrained(folder / "dense")
+    calib = Calibration("c4", args.nsamples, args.seqlen, 0)
+    res = api.prune_structured(model, tok, structure=args.structure, remove=args.remove, importance=args.importance,
+                               restore=args.restore, width_multiple=args.width_multiple, calibration=calib,
+                               device=device, progress=False)
+    model.save_pretrained(folder / "pruned")
+    del model
+    return {"widths": res.widths.to_dict(), "params": res.params, "removed_fraction": res.removed_fraction,
+            "model_removed_fraction": res.model_removed_fraction, "settings": res.options.settings()}
+
+
+def clocks() -> tuple[float, float]:
+    """(wall seconds, this process's CPU seconds): on a shared CPU the CPU time of a one-thread run is the steadier."""
+    return time.perf_counter(), time.process_time()
+
+
+def since(start: tuple[float, float]) -> tuple[float, float]:
+    now = clocks()
+    return now[0] - start[0], now[1] - start[1]
+
+
+def prefill_s(model, ids) -> tuple[float, float]:
+    devices.synchronize(ids.device)
+    t0 = clocks()
+    model(input_ids=ids, use_cache=False, logits_to_keep=1)
+    devices.synchronize(ids.device)
+    return since(t0)
+
+
+def decode_s(model, ids, steps: int) -> tuple[float, float]:
+    """Seconds for ``steps`` greedy steps with the KV cache after the prompt ``ids`` (the prompt not timed)."""
+    from llmprune.inference.graphs import cache_kwarg
+
+    kw = cache_kwarg(model)
+    out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+    cache, tok = getattr(out, kw), out.logits[:, -1:].argmax(-1)
+    devices.synchronize(ids.device)
+    t0 = clocks()
+    for _ in range(steps):
+        out = model(input_ids=tok, use_cache=True, **{kw: cache})
+        tok = out.logits[:, -1:].argmax(-1)
+    devices.synchronize(ids.device)
+    return since(t0)
+
+
+@torch.no_grad()
+def time_pair(models: dict, args, device) -> dict:
+    """Interleaved timings of each model (warm-up first); tokens/s from the median of the repeats."""
+    vocab = next(iter(models.values())).config.vocab_size
+    gen = torch.Generator().manual_seed(1)
+    pre = torch.randint(0, vocab, (args.batch, args.prefill), generator=gen).to(device)
+    prompt = torch.randint(0, vocab, (args.batch, args.prompt), generator=gen).to(device)
+    times = {name: {"prefill": [], "decode": []} for name in models}
+    for rep in range(args.warmup + args.repeats):
+        for name, model in models.items():
+            p, d = prefill_s(model, pre), decode_s(model, prompt, args.steps)
+            if rep >= args.warmup:
+                times[name]["prefill"].append(p)
+                times[name]["decode"].append(d)
+    return {name: rates(t, args) for name, t in times.items()}
+
+
+def rates(t: dict, args) -> dict:
+    """Tokens per second from the median wall time, and (CPU) from the median CPU time of the process."""
+    out = {}
+    for kind, tokens in (("prefill", args.batch * args.prefill), ("decode", args.batch * args.steps)):
+        wall, cpu = [w for w, _ in t[kind]], [c for _, c in t[kind]]
+        out.update({f"{kind}_s": wall, f"{kind}_cpu_s": cpu, f"{kind}_tok_s": tokens / statistics.median(wall),
+                    f"{kind}_tok_cpu_s": tokens / statistics.median(cpu)})
+    return out
+
+
+def run_speed(args) -> None:
+    from transformers import AutoModelForCausalLM
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = devices.resolve_device(args.device)
+    dtype = devices.resolve_dtype(args.dtype, device)
+    with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
+        pruned = save_pair(args, device, dtype, Path(tmp))
+        models = {name: AutoModelForCausalLM.from_pretrained(Path(tmp) / name, dtype=dtype).to(device).eval()
+                  for name in ("dense", "pruned")}
+        timed = time_pair(models, args, device)
+    result = {"model": args.shape or args.model, "device": str(device), "dtype": str(dtype).replace("torch.", ""),
+              "machine": machine(), "versions": report.versions(), "pruned": pruned,
+              "protocol": {k: getattr(args, k) for k in ("batch", "prefill", "prompt", "steps", "warmup", "repeats")},
+              "timings": timed, "speedup": {k: timed["pruned"][k] / timed["dense"][k] for k in (
+                  "prefill_tok_s", "decode_tok_s", "prefill_tok_cpu_s", "decode_tok_cpu_s")},
+              "load_average": os.getloadavg()}
+    report.write_json(args.out, result)
+    print(json.dumps(result["speedup"]), flush=True)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("mode", choices=("ppl", "speed"))
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--shape", choices=tuple(SHAPES), default=None, help="speed: a random-weight model of this shape")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--structure", default="mlp,heads")
+    ap.add_argument("--remove", type=float, default=0.2)
+    ap.add_argument("--importance", default=None, help="speed: default magnitude with --shape, else wanda-sp")
+    ap.add_argument("--restore", default="none")
+    ap.add_argument("--width-multiple", type=int, default=32)
+    ap.add_argument("--nsamples", type=int, default=32)
+    ap.add_argument("--seqlen", type=int, default=512)
+    ap.add_argument("--eval-seqlen", type=int, default=512)
+    ap.add_argument("--eval-windows", type=int, default=32)
+    ap.add_argument("--only", nargs="*", default=None, help="ppl: only these labels")
+    ap.add_argument("--removes", nargs="*", type=float, default=None, help="ppl: only these fractions")
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--prefill", type=int, default=512, help="speed: tokens per prefill window")
+    ap.add_argument("--prompt", type=int, default=128)
+    ap.add_argument("--steps", type=int, default=32)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--tmp", default=None, help="speed: where the two saved folders go (default: the system's)")
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args(argv)
+    if args.importance is None:
+        args.importance = "magnitude" if args.shape else "wanda-sp"
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    (run_ppl if args.mode == "ppl" else run_speed)(args)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,200 @@
+"""Structured pruning's options, the widths they give a model, and the record of a run.
+
+``Structured`` is the typed option object (``--structure``, ``--remove`` or ``--widths``, ``--importance``,
+``--restore``, ``--width-multiple``), validated on construction. ``plan_widths`` turns it and a model's
+``surgery.Shape`` into uniform widths: the same intermediate size and KV-group count in every block, so the
+saved config is a standard one. ``structured_runner`` does the work.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+from .errors import UsageError
+from .methods.channels import IMPORTANCE
+from .surgery import Shape
+
+STRUCTURES = ("mlp", "heads", "blocks")
+RESTORES = ("none", "lsq", "bias")
+WIDTH_FIELDS = {"intermediate_size": "mlp", "num_key_value_heads": "heads", "num_hidden_layers": "blocks"}
+"""``--widths`` keys (the config fields they set) and the structure each one shrinks."""
+
+
+@dataclass(frozen=True)
+class Structured:
+    """What to remove and how: a smaller dense model with uniform widths."""
+
+    structures: tuple[str, ...] = ("mlp", "heads")
+    """Any of mlp (intermediate channels), heads (whole KV groups with their query heads), blocks."""
+    remove: float | None = None
+    """Target fraction of the decoder blocks' parameters to remove; None when ``widths`` are given."""
+    widths: dict | None = None
+    """Explicit widths instead of ``remove``: intermediate_size, num_key_value_heads, num_hidden_layers."""
+    importance: str = "wanda-sp"
+    """Channel score: wanda-sp | flap | magnitude (``methods.channels``); blocks use ShortGPT's."""
+    restore: str = "none"
+    """none | lsq (re-fit down_proj / o_proj on the kept channels) | bias (FLAP's compensation bias)."""
+    multiple: int = 32
+    """The intermediate size is rounded to a multiple of this."""
+    damp: float = 0.01
+    """lsq: dampening, as a fraction of the mean diagonal of the input's X^T X."""
+
+    def __post_init__(self) -> None:
+        if not self.structures:
+            raise UsageError(f"--structure needs at least one of {', '.join(STRUCTURES)}")
+        for s in self.structures:
+            if s not in STRUCTURES:
+                raise UsageError(f"--structure: unknown structure {s!r}; choose from {', '.join(STRUCTURES)}")
+        if self.importance not in IMPORTANCE:
+            raise UsageError(f"--importance must be one of {', '.join(IMPORTANCE)}, got {self.importance!r}")
+        if self.restore not in RESTORES:
+            raise UsageError(f"--restore must be one of {', '.join(RESTORES)}, got {self.restore!r}")
+        if not isinstance(self.multiple, int) or self.multiple < 1:
+            raise UsageError(f"--width-multiple must be a positive integer, got {self.multiple!r}")
+        self._check_amount()
+
+    def _check_amount(self) -> None:
+        if self.remove is None and self.widths is None:
+            raise UsageError("--structure needs --remove FRACTION (e.g. --remove 0.2) or --widths FIELD=N,...")
+        if self.remove is not None and self.widths is not None:
+            raise UsageError("--remove and --widths both say how much to remove; give one of them")
+        if self.remove is not None and not 0 < self.remove < 1:
+            raise UsageError(f"--remove is the fraction of the decoder's parameters to remove, in (0, 1); got {self.remove}")
+        if self.widths is not None:
+            given = {WIDTH_FIELDS[k] for k in self.widths}
+            if given != set(self.structures):
+                raise UsageError(f"--widths must give one width per --structure ({', '.join(self.structures)}): "
+                                 f"{', '.join(k for k, v in WIDTH_FIELDS.items() if v in self.structures)}")
+
+    @property
+    def needs(self) -> tuple[str, ...]:
+        """Statistics of the consuming Linears' inputs (down_proj, o_proj) the run collects."""
+        extra = {"none": (), "lsq": ("hessian",), "bias": ("means",)}[self.restore]
+        widths = [s for s in self.structures if s != "blocks"]
+        return tuple(dict.fromkeys((*IMPORTANCE[self.importance].needs, *extra))) if widths else ()
+
+    @property
+    def needs_calibration(self) -> bool:
+        return bool(self.needs) or "blocks" in self.structures
+
+    def settings(self) -> dict:
+        return {"structures": list(self.structures), "remove": self.remove, "widths": self.widths,
+                "importance": self.importance if set(self.structures) != {"blocks"} else None,
+                "block_importance": "shortgpt" if "blocks" in self.structures else None,
+                "restore": self.restore, "width_multiple": self.multiple,
+                **({"restore_damp": self.damp} if self.restore == "lsq" else {})}
+
+    @classmethod
+    def parse(cls, structure: str, remove: float | None = None, widths: str | dict | None = None,
+              importance: str = "wanda-sp", restore: str = "none", multiple: int = 32) -> Structured:
+        """From the command line's strings: ``structure`` "mlp,heads", ``widths`` "intermediate_size=1216,..."."""
+        names = tuple(dict.fromkeys(s.strip().lower() for s in structure.split(",") if s.strip()))
+        parsed = parse_widths(widths) if isinstance(widths, str) else widths
+        return cls(names, remove, parsed, importance.lower(), restore.lower(), multiple)
+
+
+def parse_widths(text: str | None) -> dict | None:
+    """'intermediate_size=1216,num_key_value_heads=2' -> {field: int}; None or '' -> None."""
+    if text is None or not text.strip():
+        return None
+    out = {}
+    for item in text.split(","):
+        key, _, value = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if key not in WIDTH_FIELDS or not value.strip().isdigit():
+            raise UsageError(f"--widths takes FIELD=N pairs with FIELD one of {', '.join(WIDTH_FIELDS)}; got {item!r}")
+        out[key] = int(value)
+    return out
+
+
+@dataclass(frozen=True)
+class Widths:
+    """The uniform widths of the pruned model (its config fields)."""
+
+    intermediate_size: int
+    num_key_value_heads: int
+    num_hidden_layers: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def plan_widths(shape: Shape, opts: Structured) -> Widths:
+    """Uniform widths for ``opts`` on a model of ``shape``.
+
+    With ``remove`` r: blocks alone drop round(r * layers); combined with width structures, blocks and widths
+    each take 1 - sqrt(1 - r). The remaining parameters to remove are then shared in every kept block: heads
+    drop round(fraction * KV groups) groups (at least one kept; with heads alone, the group count nearest the
+    target), and the MLP takes the rest, its width rounded to ``opts.multiple``.
+    """
+    if opts.widths is not None:
+        return _explicit(shape, opts)
+    r, widths_too = opts.remove, bool(set(opts.structures) - {"blocks"})
+    layers = shape.layers
+    if "blocks" in opts.structures:
+        share = 1 - math.sqrt(1 - r) if widths_too else r
+        layers = min(shape.layers, max(1, shape.layers - round(share * shape.layers)))
+    per_block = max(0.0, (r * shape.layers - (shape.layers - layers)) * shape.block_params / layers)
+    kv, intermediate = shape.kv_heads, shape.intermediate
+    if "heads" in opts.structures:
+        drop = per_block / shape.block_params * shape.kv_heads if "mlp" in opts.structures \
+            else per_block / shape.group_params
+        kv = shape.kv_heads - min(shape.kv_heads - 1, round(drop))
+    if "mlp" in opts.structures:
+        channels = (per_block - (shape.kv_heads - kv) * shape.group_params) / shape.channel_params
+        intermediate = _round_width(shape.intermediate - channels, opts.multiple, shape.intermediate)
+    return Widths(intermediate, kv, layers)
+
+
+def _round_width(width: float, multiple: int, full: int) -> int:
+    """``width`` rounded to the nearest multiple (at least one multiple, at most ``full``)."""
+    return min(full, max(min(multiple, full), multiple * round(width / multiple)))
+
+
+def _explicit(shape: Shape, opts: Structured) -> Widths:
+    limits = {"intermediate_size": shape.intermediate, "num_key_value_heads": shape.kv_heads,
+              "num_hidden_layers": shape.layers}
+    for key, value in opts.widths.items():
+        if not 1 <= value <= limits[key]:
+            raise UsageError(f"--widths {key}={value}: the model has {limits[key]}; give 1 to {limits[key]}")
+    return Widths(*(opts.widths.get(k, limits[k]) for k in limits))
+
+
+@dataclass
+class StructuredResult:
+    """What a structured run did: widths, kept blocks and channels, parameters before and after."""
+
+    options: Structured
+    widths: Widths
+    shape: Shape
+    """The model's widths before."""
+    kept_blocks: list[int]
+    block_importance: list[float] | None
+    blocks: list[dict]
+    """Per kept block: its original index, widths, kept KV groups."""
+    params: dict
+    """decoder_before, decoder_after (the blocks' parameters), model_before, model_after (tied once)."""
+    prune_s: float
+    calibration: dict | None = None
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def removed_fraction(self) -> float:
+        """Fraction of the decoder blocks' parameters removed."""
+        return 1 - self.params["decoder_after"] / self.params["decoder_before"]
+
+    @property
+    def model_removed_fraction(self) -> float:
+        return 1 - self.params["model_after"] / self.params["model_before"]
+
+    def to_report(self) -> dict:
+        return {"settings": self.options.settings(), "widths_before": {
+                    "intermediate_size": self.shape.intermediate, "num_key_value_heads": self.shape.kv_heads,
+                    "num_attention_heads": self.shape.heads, "num_hidden_layers": self.shape.layers,
+                    "head_dim": self.shape.head_dim},
+                "widths": {**self.widths.to_dict(), "num_attention_heads":
+                           self.widths.num_key_value_heads * self.shape.heads_per_group},
+                "params": self.params, "removed_fraction": self.removed_fraction,
+                "model_removed_fraction": self.model_removed_fraction, "kept_blocks": self.kept_blocks,
+                "block_importance": self.block_importance, "blocks": self.blocks}

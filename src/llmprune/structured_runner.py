@@ -1,0 +1,154 @@
+"""Structured pruning, block by block: score, remove, restore, propagate through the pruned block.
+
+Blocks first (ShortGPT: one dense pass gives each block 1 - mean cos(input, output) over the calibration
+tokens; the least important go), then widths: the inputs of the first kept block are captured, and for each
+block the inputs of its consuming Linears (o_proj, down_proj) are summarised in the statistics the
+importance and the restoration declared, the lowest-scoring KV groups and MLP channels are removed
+(``surgery``), the consuming weight restored, and the pruned block re-run to give the next block's inputs.
+Only one block and the calibration hidden states sit on the device.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from tqdm.auto import tqdm
+
+from . import surgery
+from .activations import ActivationStore
+from .capture import collect_statistics
+from .errors import UsageError
+from .guards import check_finite
+from .methods.channels import IMPORTANCE, compensation_bias, cosine_sum, group_scores, keep_top
+from .methods.update import lsq_columns
+from .models import find_decoder
+from .runner import _block_output, _calls_of, _run_block, capture_block_inputs
+from .structured import Structured, StructuredResult, Widths, plan_widths
+
+
+@torch.no_grad()
+def prune_structured_blocks(model, tokens: torch.Tensor | None, opts: Structured, device: torch.device,
+                            batch_size: int = 8, progress: bool = True) -> StructuredResult:
+    """Shrink ``model`` in place to the widths of ``opts``; its config describes the new widths."""
+    surgery.check_supported(model)
+    shape = surgery.shape_of(model)
+    widths = plan_widths(shape, opts)
+    _check_biases(model, opts, widths, shape)
+    before = {"decoder_before": surgery.decoder_params(model), "model_before": surgery.model_params(model)}
+    start = time.perf_counter()
+    kept, importance = list(range(shape.layers)), None
+    if widths.num_hidden_layers < shape.layers:
+        importance = block_importance(model, tokens, device, batch_size, progress)
+        kept = keep_top(torch.tensor(importance), widths.num_hidden_layers).tolist()
+        surgery.drop_blocks(model, kept)
+    shrinks = widths.intermediate_size < shape.intermediate or widths.num_key_value_heads < shape.kv_heads
+    records = _shrink_widths(model, tokens, opts, widths, shape, device, batch_size, progress) if shrinks else []
+    biased = tuple(part for part, shrunk in (("heads", widths.num_key_value_heads < shape.kv_heads),
+                                             ("mlp", widths.intermediate_size < shape.intermediate))
+                   if shrunk and opts.restore == "bias")
+    surgery.write_config(model, widths.intermediate_size, widths.num_key_value_heads, shape, biased)
+    blocks = [{"block": i, "source_block": src, "intermediate_size": widths.intermediate_size,
+               "num_key_value_heads": widths.num_key_value_heads, **(records[i] if records else {})}
+              for i, src in enumerate(kept)]
+    params = {**before, "decoder_after": surgery.decoder_params(model), "model_after": surgery.model_params(model)}
+    return StructuredResult(opts, widths, shape, kept, importance, blocks, params, time.perf_counter() - start)
+
+
+def _check_biases(model, opts: Structured, widths: Widths, shape) -> None:
+    """``--restore bias`` needs a config flag for each bias it adds; refused with one line where there is none."""
+    if opts.restore != "bias":
+        return
+    for part, shrunk in (("heads", widths.num_key_value_heads < shape.kv_heads),
+                         ("mlp", widths.intermediate_size < shape.intermediate)):
+        if shrunk and surgery.bias_flag(model, part) is None:
+            where = "o_proj" if part == "heads" else "down_proj"
+            raise UsageError(f"--restore bias adds a bias to {where}, but {type(model).__name__}'s config has no flag "
+                             f"for one, so the saved model would not load as a standard one; use --restore lsq or none")
+
+
+def block_importance(model, tokens: torch.Tensor, device: torch.device, batch_size: int,
+                     progress: bool = True) -> list[float]:
+    """Dense pass: per block, 1 - the mean over calibration tokens of cos(block input, block output)."""
+    blocks = find_decoder(model)[1]
+    hidden, calls = capture_block_inputs(model, tokens, batch_size, device, ActivationStore(device))
+    scores = []
+    for index, block in enumerate(tqdm(blocks, desc="block importance", unit="block", disable=not progress)):
+        home = next(block.parameters()).device
+        block.to(device)
+        total, count = 0.0, 0
+        for i, h in enumerate(hidden):
+            call = calls[h.shape[0]][index]
+            out = _block_output(block(h, *call.args, **call.kwargs))
+            s, n = cosine_sum(h, out)
+            total, count = total + s, count + n
+            hidden[i] = out
+        scores.append(1.0 - total / max(count, 1))
+        block.to(home)
+    return scores
+
+
+def _shrink_widths(model, tokens, opts: Structured, widths: Widths, shape, device, batch_size: int,
+                   progress: bool) -> list[dict]:
+    """Every kept block shrunk to ``widths``, in order, each one's pruned outputs feeding the next."""
+    blocks = find_decoder(model)[1]
+    needs = opts.needs
+    hidden, calls = ([], {})
+    if needs:
+        hidden, calls = capture_block_inputs(model, tokens, batch_size, device, ActivationStore(device))
+        check_finite(hidden, "the inputs of block 0", hidden[0].dtype)
+    records = []
+    for index, block in enumerate(tqdm(blocks, desc=f"structured {opts.importance}", unit="block",
+                                       disable=not progress)):
+        home = next(block.parameters()).device
+        block.to(device)
+        stats = _consumer_stats(block, hidden, _calls_of(calls, index), needs) if needs else {}
+        records.append(shrink_block(block, stats, opts, widths, shape))
+        if needs and index < len(blocks) - 1:
+            _run_block(block, hidden, _calls_of(calls, index))
+            check_finite(hidden, f"the output of block {index}", next(block.parameters()).dtype)
+        block.to(home)
+    return records
+
+
+def _consumer_stats(block, hidden, block_calls, needs) -> dict:
+    """The declared statistics of the inputs of o_proj and down_proj over every calibration batch."""
+    attn, mlp = surgery.parts(block)
+    layers = {"o_proj": attn.o_proj, "down_proj": mlp.down_proj}
+    with collect_statistics(layers, needs) as collector:
+        _run_block(block, hidden, block_calls, collector=collector)
+    return {name: collector.for_layer(name) for name in layers}
+
+
+def shrink_block(block, stats: dict, opts: Structured, widths: Widths, shape) -> dict:
+    """Remove the lowest-scoring KV groups and MLP channels of one block and restore the consuming weights;
+    what was kept."""
+    importance = IMPORTANCE[opts.importance]
+    attn, mlp = surgery.parts(block)
+    record = {}
+    if widths.num_key_value_heads < shape.kv_heads:
+        o_stats = stats.get("o_proj", {})
+        scores = group_scores(importance.score(attn.o_proj.weight.data, o_stats), shape.kv_heads, importance.head_power)
+        kept_groups = keep_top(scores, widths.num_key_value_heads)
+        cols = surgery.group_channels(kept_groups, shape.heads_per_group * shape.head_dim)
+        surgery.keep_kv_groups(block, kept_groups, shape, *restored(attn.o_proj, cols, o_stats, opts))
+        record["kv_groups_kept"] = kept_groups.tolist()
+    if widths.intermediate_size < shape.intermediate:
+        d_stats = stats.get("down_proj", {})
+        kept = keep_top(importance.score(mlp.down_proj.weight.data, d_stats), widths.intermediate_size)
+        surgery.keep_mlp_channels(block, kept, *restored(mlp.down_proj, kept, d_stats, opts))
+    return record
+
+
+def restored(linear, kept: torch.Tensor, stats: dict, opts: Structured):
+    """(new weight on the kept columns or None, new bias or None) of a consuming Linear, as ``opts.restore`` says."""
+    w = linear.weight.data
+    kept = kept.to(w.device)
+    if opts.restore == "lsq":
+        return lsq_columns(w, kept, stats["hessian"].matrix.to(w.device), opts.damp), None
+    if opts.restore == "bias":
+        bias = compensation_bias(w, stats["means"].mean, kept)
+        if linear.bias is not None:
+            bias = bias + linear.bias.data.float()
+        return None, bias
+    return None, None

@@ -1,0 +1,235 @@
+"""Structured pruning: options, width planning by hand, the block-by-block run, the API, the command line."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+from typer.testing import CliRunner
+
+import llmprune
+from llmprune import UsageError, surgery
+from llmprune.cli import app
+from llmprune.methods.channels import keep_top, wanda_sp
+from llmprune.models import find_decoder
+from llmprune.stats import InputNorms
+from llmprune.structured import Structured, Widths, parse_widths, plan_widths
+
+from .conftest import random_tokens, tiny_model
+
+CPU = torch.device("cpu")
+
+
+def plan(structures, remove, multiple=8, layers=4):
+    return plan_widths(surgery.shape_of(tiny_model("llama", layers=layers)), Structured(structures, remove, multiple=multiple))
+
+
+def test_plan_widths_by_hand():
+    # tiny Llama block: 9280 parameters; an MLP channel costs 96, a KV group 1536; 2 groups, 64 channels
+    assert plan(("mlp",), 0.25) == Widths(40, 2, 4)  # 2320 / 96 = 24.2 channels -> 39.8 -> 40
+    assert plan(("heads",), 0.2) == Widths(64, 1, 4)  # 1856 / 1536 = 1.2 groups -> 1
+    assert plan(("mlp", "heads"), 0.4) == Widths(40, 1, 4)  # 0.4 x 2 groups -> 1; (3712 - 1536) / 96 = 22.7
+    assert plan(("blocks",), 0.5) == Widths(64, 2, 2)
+    # blocks with widths: each takes 1 - sqrt(1 - 0.36) = 0.2; one block of 4 goes, the MLP takes the rest
+    assert plan(("mlp", "blocks"), 0.36) == Widths(48, 2, 3)
+    assert plan(("mlp",), 0.25, multiple=32) == Widths(32, 2, 4)
+    assert plan(("heads",), 0.9) == Widths(64, 1, 4)  # at least one KV group stays
+
+
+def test_explicit_widths_and_their_limits():
+    shape = surgery.shape_of(tiny_model("llama"))
+    opts = Structured(("mlp", "heads"), widths=parse_widths("intermediate_size=24,num_key_value_heads=1"))
+    assert plan_widths(shape, opts) == Widths(24, 1, 2)
+    with pytest.raises(UsageError, match="num_key_value_heads=3: the model has 2"):
+        plan_widths(shape, Structured(("heads",), widths={"num_key_value_heads": 3}))
+
+
+@pytest.mark.parametrize("kwargs,msg", [
+    (dict(structures=("mlp", "rows"), remove=0.2), "unknown structure 'rows'"),
+    (dict(remove=1.0), "in (0, 1); got 1.0"),
+    (dict(remove=0.0), "in (0, 1)"),
+    (dict(), "needs --remove FRACTION"),
+    (dict(remove=0.2, widths={"intermediate_size": 8}), "give one of them"),
+    (dict(structures=("mlp", "heads"), widths={"intermediate_size": 8}), "one width per --structure"),
+    (dict(remove=0.2, importance="taylor"), "--importance must be one of wanda-sp, flap, magnitude"),
+    (dict(remove=0.2, restore="retrain"), "--restore must be one of none, lsq, bias"),
+])
+def test_options_refused_with_one_line(kwargs, msg):
+    with pytest.raises(UsageError, match=msg.replace("(", r"\(").replace(")", r"\)")):
+        Structured(**kwargs)
+
+
+def test_needs_follow_importance_and_restoration():
+    assert Structured(remove=0.2, importance="magnitude").needs == ()
+    assert not Structured(remove=0.2, importance="magnitude").needs_calibration
+    assert Structured(remove=0.2, importance="flap", restore="lsq").needs == ("norms", "means", "hessian")
+    assert Structured(("blocks",), 0.2).needs == () and Structured(("blocks",), 0.2).needs_calibration
+
+
+def run(model, tokens=None, **kw):
+    return llmprune.prune_structured(model, calib_tokens=tokens, device="cpu", batch_size=4, progress=False, **kw)
+
+
+def test_exact_widths_and_parameter_counts():
+    model = tiny_model("llama", layers=2)
+    res = run(model, random_tokens(4, 16), structure="mlp,heads", widths="intermediate_size=40,num_key_value_heads=1")
+    for block in find_decoder(model)[1]:
+        assert block.mlp.gate_proj.weight.shape == (40, 32) and block.mlp.down_proj.weight.shape == (32, 40)
+        assert block.self_attn.q_proj.weight.shape == (16, 32) and block.self_attn.k_proj.weight.shape == (8, 32)
+        assert block.self_attn.o_proj.weight.shape == (32, 16)
+    per_block = 40 * 32 * 3 + 16 * 32 + 8 * 32 * 2 + 32 * 16 + 2 * 32
+    assert res.params["decoder_before"] == 2 * 9280 and res.params["decoder_after"] == 2 * per_block
+    assert res.removed_fraction == pytest.approx(1 - per_block / 9280)
+    assert res.params["model_before"] - res.params["model_after"] == 2 * (9280 - per_block)
+    cfg = model.config
+    assert (cfg.intermediate_size, cfg.num_key_value_heads, cfg.num_attention_heads, cfg.head_dim) == (40, 1, 2, 8)
+
+
+def test_the_group_and_channels_without_importance_are_removed():
+    model = tiny_model("llama", layers=1)
+    block = find_decoder(model)[1][0]
+    with torch.no_grad():
+        block.self_attn.o_proj.weight[:, :16] = 0.0  # KV group 0 (query heads 0, 1) feeds nothing
+        block.mlp.down_proj.weight[:, 50:] = 0.0
+    res = run(model, random_tokens(4, 16), structure="mlp,heads", widths="intermediate_size=50,num_key_value_heads=1")
+    assert res.blocks[0]["kv_groups_kept"] == [1]
+    assert torch.count_nonzero(block.mlp.down_proj.weight.abs().sum(0)) == 50  # only live channels kept
+
+
+def down_proj_inputs(model, tokens):
+    seen = []
+    hook = find_decoder(model)[1][0].mlp.down_proj.register_forward_pre_hook(lambda m, a: seen.append(a[0]))
+    with torch.no_grad():
+        model(tokens, use_cache=False)
+    hook.remove()
+    return torch.cat(seen).reshape(-1, seen[0].shape[-1])
+
+
+def test_lsq_restoration_equals_a_dampened_lstsq():
+    model = tiny_model("llama", layers=1)
+    tokens = random_tokens(4, 24)
+    x = down_proj_inputs(model, tokens).double()
+    w0 = find_decoder(model)[1][0].mlp.down_proj.weight.detach().clone().double()
+    norms = InputNorms(64, CPU)
+    norms.add(x)
+    kept = keep_top(wanda_sp(w0.float(), {"norms": norms}), 40)
+    run(model, tokens, structure="mlp", widths="intermediate_size=40", restore="lsq")
+    # the objective 2/n ||X_S w - X w0||^2 + d ||w - w0_S||^2, d = 1% of the mean diagonal of 2 X^T X / n
+    n = x.shape[0]
+    d = 0.01 * (2 / n) * (x * x).sum(0).mean()
+    a = torch.cat([(2 / n) ** 0.5 * x[:, kept], d.sqrt() * torch.eye(40, dtype=torch.float64)])
+    b = torch.cat([(2 / n) ** 0.5 * x @ w0.T, d.sqrt() * w0[:, kept].T])
+    ref = torch.linalg.lstsq(a, b).solution.T
+    got = find_decoder(model)[1][0].mlp.down_proj.weight.double()
+    assert torch.allclose(got, ref, atol=2e-5)
+
+
+def test_blocks_remove_the_block_that_changes_nothing():
+    model = tiny_model("llama", layers=3)
+    with torch.no_grad():  # block 1 adds zero to the residual stream: cos(input, output) = 1
+        find_decoder(model)[1][1].self_attn.o_proj.weight.zero_()
+        find_decoder(model)[1][1].mlp.down_proj.weight.zero_()
+    res = run(model, random_tokens(4, 16), structure="blocks", widths="num_hidden_layers=2")
+    assert res.kept_blocks == [0, 2] and res.block_importance[1] == pytest.approx(0.0, abs=1e-6)
+    assert model.config.num_hidden_layers == 2 and [b["source_block"] for b in res.blocks] == [0, 2]
+
+
+@pytest.mark.parametrize("arch,restore", [("llama", "bias"), ("llama", "lsq"), ("gemma3", "lsq"), ("qwen2", "none"),
+                                          ("mistral", "lsq"), ("qwen3", "bias")])
+def test_saved_folder_loads_plainly_and_matches(arch, restore, tmp_path):
+    model = tiny_model(arch, layers=3)
+    structure = "heads,blocks" if restore == "bias" and arch != "llama" else "mlp,heads,blocks"
+    run(model, random_tokens(4, 16), structure=structure, remove=0.5, restore=restore, importance="flap",
+        width_multiple=8)
+    model.save_pretrained(tmp_path)
+    again = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    ids = random_tokens(2, 12, seed=3)
+    with torch.no_grad():
+        assert torch.equal(again(ids).logits, model(ids).logits)
+    assert sum(p.numel() for p in again.parameters()) == surgery.model_params(model)
+
+
+def test_bias_refused_where_the_config_has_no_flag():
+    with pytest.raises(UsageError, match="--restore bias adds a bias to down_proj, but Gemma3ForCausalLM"):
+        run(tiny_model("gemma3"), random_tokens(4, 16), structure="mlp", remove=0.3, restore="bias")
+    with pytest.raises(UsageError, match="--structure: structured pruning supports"):
+        run(tiny_model("gpt2"), random_tokens(4, 16), structure="mlp", remove=0.3)
+
+
+def test_magnitude_needs_no_calibration():
+    model = tiny_model("llama", layers=2)
+    res = run(model, None, structure="mlp", remove=0.25, importance="magnitude", width_multiple=8)
+    assert res.calibration is None and res.widths.intermediate_size == 40
+
+
+# ---------------------------------------------------------------- the command line
+
+
+def invoke(*args):
+    return CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+
+def test_cli_structured_end_to_end(tiny_folder, tmp_path, ddir):
+    out, rep = tmp_path / "small", tmp_path / "run.json"
+    res = invoke("prune", "--model", tiny_folder, "--structure", "mlp,heads", "--remove", 0.3, "--width-multiple", 8,
+                 "--importance", "flap", "--restore", "lsq", "--nsamples", 4, "--seqlen", 32, "--eval", "wikitext2",
+                 "--max-eval-windows", 2, "--out", out, "--report", rep, "--data-dir", ddir, "--no-progress",
+                 "--device", "cpu", "--dtype", "float32")
+    assert res.exit_code == 0, res.output
+    report = json.loads(rep.read_text())
+    assert report == json.loads((out / "llmprune_report.json").read_text())
+    st = report["structured"]
+    assert st["widths"] == {"intermediate_size": 48, "num_key_value_heads": 1, "num_hidden_layers": 3,  # 2784 per block: 1 group + 13 channels
+                            "num_attention_heads": 2}
+    assert st["settings"]["importance"] == "flap" and st["settings"]["restore"] == "lsq"
+    assert len(st["blocks"]) == 3 and st["params"]["decoder_after"] < st["params"]["decoder_before"]
+    assert st["removed_fraction"] == pytest.approx(1 - st["params"]["decoder_after"] / st["params"]["decoder_before"])
+    assert report["perplexity"]["wikitext2"]["pruned"] > 1 and report["calibration"]["nsamples"] == 4
+    assert "decoder parameters" in res.output and "removed" in res.output
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.intermediate_size == 48 and model.config.num_key_value_heads == 1
+    assert report["weights_sha256"] == llmprune.integrity.state_sha256(model)
+    res = invoke("eval", "--model", out, "--eval", "wikitext2", "--max-eval-windows", 2, "--data-dir", ddir,
+                 "--no-progress", "--device", "cpu", "--dtype", "float32", "--report", tmp_path / "eval.json")
+    assert res.exit_code == 0, res.output
+    again = json.loads((tmp_path / "eval.json").read_text())["perplexity"]["wikitext2"]["perplexity"]
+    assert again == pytest.approx(report["perplexity"]["wikitext2"]["pruned"], rel=1e-5)
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["--structure", "mlp,rows", "--remove", "0.2"], "--structure: unknown structure 'rows'"),
+    (["--structure", "mlp", "--remove", "1.5"], "--remove is the fraction"),
+    (["--structure", "mlp", "--remove", "0.2", "--pattern", "2:4"], "--pattern 2:4 is for sparse masks"),
+    (["--structure", "mlp", "--remove", "0.2", "--update", "lsq"], "restoration is --restore"),
+    (["--remove", "0.2"], "--remove set structured pruning: add --structure"),
+    (["--structure", "mlp"], "needs --remove FRACTION"),
+])
+def test_cli_refuses_bad_structured_options(args, msg, tmp_path):
+    res = invoke("prune", "--model", tmp_path / "nowhere", *args)
+    assert res.exit_code == 2 and msg in res.output.replace("\n", " ")
+    assert len(res.output.strip().splitlines()) == 1
+
+
+def test_cli_refuses_an_unsupported_architecture(tmp_path, tokenizer, ddir):
+    folder = tmp_path / "tiny-opt"
+    tiny_model("opt").save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    res = invoke("prune", "--model", folder, "--structure", "mlp", "--remove", 0.2, "--eval", "", "--nsamples", 2,
+                 "--seqlen", 16, "--data-dir", ddir, "--device", "cpu", "--no-progress")
+    assert res.exit_code == 2 and "--structure: structured pruning supports" in res.output
+    assert "OPTForCausalLM" in res.output
+
+
+def test_compare_lists_a_structured_run(tiny_folder, tmp_path, ddir):
+    from llmprune.compare import runs_of
+
+    rep = tmp_path / "run.json"
+    res = invoke("prune", "--model", tiny_folder, "--structure", "mlp", "--remove", 0.25, "--width-multiple", 8,
+                 "--importance", "magnitude", "--eval", "wikitext2", "--max-eval-windows", 1, "--seqlen", 32,
+                 "--report", rep, "--data-dir", ddir, "--no-progress", "--device", "cpu", "--dtype", "float32")
+    assert res.exit_code == 0, res.output
+    report = json.loads(rep.read_text())
+    assert report["calibration"] is None  # magnitude without restoration: no calibration forward
+    dense, pruned = runs_of([report])
+    assert dense["method"] == "dense" and pruned["pattern"] == "mlp"
+    assert pruned["sparsity"] == pytest.approx(report["structured"]["removed_fraction"])
