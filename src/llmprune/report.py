@@ -87,13 +87,7 @@ def build_report(*, model: dict, result, device, dtype, times: dict, peak: dict,
         "determinism": result.determinism,
         "versions": versions(),
     }
-    if zero_shot:
-        report["zero_shot"] = zero_shot
-    if eval_settings is not None:
-        report["evaluation"] = {"sets": list(eval_settings.sets), "seqlen": eval_settings.seqlen,
-                                "max_windows": eval_settings.max_windows}
-    report.update(extra or {})
-    return report
+    return _with_evaluation(report, zero_shot, eval_settings, extra)
 
 
 def build_structured_report(*, model: dict, result, device, dtype, times: dict, peak: dict, dense_ppl: dict,
@@ -113,6 +107,11 @@ def build_structured_report(*, model: dict, result, device, dtype, times: dict, 
         "warnings": list(result.warnings),
         "versions": versions(),
     }
+    return _with_evaluation(report, zero_shot, eval_settings, extra)
+
+
+def _with_evaluation(report: dict, zero_shot: dict | None, eval_settings, extra: dict | None) -> dict:
+    """The parts every report ends with: zero-shot results, the evaluation settings, and the caller's extras."""
     if zero_shot:
         report["zero_shot"] = zero_shot
     if eval_settings is not None:

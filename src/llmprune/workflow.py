@@ -164,8 +164,8 @@ def run_prune(job: PruneJob, world) -> Outcome | None:
     if not world.is_main:  # every rank holds the same pruned model; rank 0 evaluates, reports and saves it
         return None
     pruned = evaluate("pruned")
-    times = {"load_s": load_s, "calib_data_s": calib_data_s, "cuda_init_s": cuda_init_s, "place_s": place_s, "prune_s": result.prune_s,
-             "startup_s": startup_s}
+    times = {"load_s": load_s, "calib_data_s": calib_data_s, "cuda_init_s": cuda_init_s, "place_s": place_s,
+             "prune_s": result.prune_s, "startup_s": startup_s}
     return finish(job, lm, tok, info, result, (dense, pruned), evaluate.seconds, times, work, in_place,
                   placement, world, where)
 
