@@ -412,6 +412,49 @@ def alps_table(path: Path) -> str:
     return head + "\n".join(lines)
 
 
+def _cli_cell(run: str) -> tuple[str, str]:
+    """(label, cell) of a cli_e2e real row: 'alps/2:4/-/none --permute' -> ('alps --permute', '2:4')."""
+    head, _, more = run.partition(" ")
+    method, pattern = head.split("/")[:2]
+    flags = more.split()
+    cell = pattern
+    if "--sparsity" in flags:
+        i = flags.index("--sparsity")
+        cell = f"{round(100 * float(flags[i + 1]))}%"
+        del flags[i:i + 2]
+    return " ".join([method, *flags]), cell
+
+
+def alps_paper_table(path: Path) -> str:
+    """ALPS and the baselines at the paper protocol through the command (cli_e2e real rows): perplexity per cell."""
+    r = json.loads(path.read_text())
+    cal = r["calibration"]
+    rows = [x for x in r["rows"] if x["rc"] == 0]
+    w0 = rows[0]["perplexity"]["wikitext2"]
+    head = (f"{r['model']} through `llmprune prune` on {r['gpu']} (torch {r['versions']['torch']}), {r['dtype']}; "
+            f"calibration {cal[1]} x {cal[2]} {cal[0]} tokens, seed 0; WikiText-2 test, all {w0['windows']} windows of "
+            f"{w0['seqlen']}; dense {w0['dense']:.2f}. Cells: perplexity (prune time in s); - = not run.\n\n")
+    got = {}
+    for x in rows:
+        label, cell = _cli_cell(x["run"])
+        got.setdefault(label, {})[cell] = x
+    cells = [c for c in ("50%", "60%", "70%", "2:4") if any(c in v for v in got.values())]
+    lines = ["| command | " + " | ".join(cells) + " |", "|---|" + "---:|" * len(cells)]
+    for label, by in got.items():
+        lines.append(f"| `--method {label}` | " + " | ".join(
+            f"{by[c]['perplexity']['wikitext2']['pruned']:.2f} ({by[c]['time']['prune_s']:.0f})" if c in by else "-"
+            for c in cells) + " |")
+    base = got.get("sparsegpt", {})
+    ratios = []
+    for c in cells:
+        if c not in base:
+            continue
+        best = min((v[c]["perplexity"]["wikitext2"]["pruned"], k) for k, v in got.items() if c in v)
+        ratios.append(f"{c}: `{best[1]}` {best[0]:.2f} = {best[0] / base[c]['perplexity']['wikitext2']['pruned']:.3f}x "
+                      f"SparseGPT")
+    return head + "\n".join(lines) + "\n\nBest per cell against SparseGPT: " + "; ".join(ratios) + "."
+
+
 def perm_gather_table(path: Path) -> str:
     """benchmarks/perm_gather.py: the --permute gather against the 2:4 matmul alone, CUDA-graph replay."""
     r = json.loads(path.read_text())
@@ -502,6 +545,8 @@ def structured_speed_table(path: Path) -> str:
             f"{p['warmup']} warm-up.\n\n")
     cpu = r["device"] == "cpu" and "prefill_tok_cpu_s" in r["speedup"]
     cols = [("prefill_tok_s", "prefill tokens/s"), ("decode_tok_s", "decode tokens/s")]
+    if "graph_decode_tok_s" in r["speedup"]:
+        cols.append(("graph_decode_tok_s", "decode tokens/s, CUDA graph"))
     if cpu:
         head += f"Load average during the run {r['load_average'][0]:.1f} (a shared machine): CPU-time columns too.\n\n"
         cols += [("prefill_tok_cpu_s", "prefill tokens per CPU s"), ("decode_tok_cpu_s", "decode tokens per CPU s")]
@@ -532,7 +577,11 @@ if __name__ == "__main__":
                      ("structured_smollm2.json", structured_table),
                      ("structured_speed_smollm2_cpu.json", structured_speed_table),
                      ("structured_speed_blocks_smollm2_cpu.json", structured_speed_table),
-                     ("structured_speed_llama2_7b_h200.json", structured_speed_table)]:
+                     ("structured_speed_smollm2_cpu_model20.json", structured_speed_table),
+                     ("structured_speed_llama2_7b_h200.json", structured_speed_table),
+                     ("structured_speed_llama2_7b_h200_multiple256.json", structured_speed_table),
+                     ("alps_smollm2_paper_h200.json", alps_paper_table),
+                     ("cli_e2e_alps_h200_8blocks.json", cli_e2e_model_table)]:
         if (RESULTS / name).is_file():
             print(f"<!-- {name} -->\n{fn(RESULTS / name)}\n")
         else:

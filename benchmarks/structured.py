@@ -138,9 +138,18 @@ def save_pair(args, device, dtype, folder: Path) -> dict:
         model, tok, _ = loading.load_model(args.model, dtype)
     model.save_pretrained(folder / "dense")
     calib = Calibration("c4", args.nsamples, args.seqlen, 0)
-    res = api.prune_structured(model, tok, structure=args.structure, remove=args.remove, importance=args.importance,
+    remove = args.remove
+    if args.of == "model":  # --remove counts the whole model's parameters: the decoder gives them all
+        from llmprune.surgery import decoder_params, model_params
+
+        remove = args.remove * model_params(model) / decoder_params(model)
+    # a --shape model has no tokenizer: random tokens stand in where the choice needs calibration (ShortGPT's
+    # block importance); they pick which blocks go, not how many, so the speed is the same
+    tokens = (torch.randint(0, model.config.vocab_size, (args.nsamples, args.seqlen),
+                            generator=torch.Generator().manual_seed(0)) if args.shape else None)
+    res = api.prune_structured(model, tok, structure=args.structure, remove=remove, importance=args.importance,
                                restore=args.restore, width_multiple=args.width_multiple, calibration=calib,
-                               device=device, progress=False)
+                               calib_tokens=tokens, device=device, progress=False)
     model.save_pretrained(folder / "pruned")
     del model
     return {"widths": res.widths.to_dict(), "params": res.params, "removed_fraction": res.removed_fraction,
@@ -182,26 +191,47 @@ def decode_s(model, ids, steps: int) -> tuple[float, float]:
 
 
 @torch.no_grad()
+def graph_decode_s(model, ids, steps: int) -> tuple[float, float]:
+    """Like ``decode_s`` over a static KV cache with each step one CUDA-graph replay (how serving stacks decode);
+    the prompt, the warm-up steps and the capture are not timed."""
+    from llmprune.inference.graphs import StaticDecoder
+
+    dec = StaticDecoder(model, ids, max_len=ids.shape[1] + steps + 3, graph=True)
+    devices.synchronize(ids.device)
+    t0 = clocks()
+    for _ in range(steps):
+        dec.step()
+    devices.synchronize(ids.device)
+    took = since(t0)
+    dec.close()
+    return took
+
+
+@torch.no_grad()
 def time_pair(models: dict, args, device) -> dict:
     """Interleaved timings of each model (warm-up first); tokens/s from the median of the repeats."""
     vocab = next(iter(models.values())).config.vocab_size
     gen = torch.Generator().manual_seed(1)
     pre = torch.randint(0, vocab, (args.batch, args.prefill), generator=gen).to(device)
     prompt = torch.randint(0, vocab, (args.batch, args.prompt), generator=gen).to(device)
-    times = {name: {"prefill": [], "decode": []} for name in models}
+    kinds = ("prefill", "decode", "graph_decode") if device.type == "cuda" else ("prefill", "decode")
+    times = {name: {kind: [] for kind in kinds} for name in models}
     for rep in range(args.warmup + args.repeats):
         for name, model in models.items():
-            p, d = prefill_s(model, pre), decode_s(model, prompt, args.steps)
+            took = {"prefill": prefill_s(model, pre), "decode": decode_s(model, prompt, args.steps)}
+            if "graph_decode" in kinds:
+                took["graph_decode"] = graph_decode_s(model, prompt, args.steps)
             if rep >= args.warmup:
-                times[name]["prefill"].append(p)
-                times[name]["decode"].append(d)
+                for kind in kinds:
+                    times[name][kind].append(took[kind])
     return {name: rates(t, args) for name, t in times.items()}
 
 
 def rates(t: dict, args) -> dict:
     """Tokens per second from the median wall time, and (CPU) from the median CPU time of the process."""
     out = {}
-    for kind, tokens in (("prefill", args.batch * args.prefill), ("decode", args.batch * args.steps)):
+    for kind in t:
+        tokens = args.batch * (args.prefill if kind == "prefill" else args.steps)
         wall, cpu = [w for w, _ in t[kind]], [c for _, c in t[kind]]
         out.update({f"{kind}_s": wall, f"{kind}_cpu_s": cpu, f"{kind}_tok_s": tokens / statistics.median(wall),
                     f"{kind}_tok_cpu_s": tokens / statistics.median(cpu)})
@@ -222,9 +252,10 @@ def run_speed(args) -> None:
         timed = time_pair(models, args, device)
     result = {"model": args.shape or args.model, "device": str(device), "dtype": str(dtype).replace("torch.", ""),
               "machine": machine(), "versions": report.versions(), "pruned": pruned,
-              "protocol": {k: getattr(args, k) for k in ("batch", "prefill", "prompt", "steps", "warmup", "repeats")},
-              "timings": timed, "speedup": {k: timed["pruned"][k] / timed["dense"][k] for k in (
-                  "prefill_tok_s", "decode_tok_s", "prefill_tok_cpu_s", "decode_tok_cpu_s")},
+              "protocol": {k: getattr(args, k) for k in ("batch", "prefill", "prompt", "steps", "warmup", "repeats",
+                                                           "remove", "of")},
+              "timings": timed, "speedup": {k: timed["pruned"][k] / timed["dense"][k] for k in timed["dense"]
+                                            if k.endswith("_tok_s") or k.endswith("_tok_cpu_s")},
               "load_average": os.getloadavg()}
     report.write_json(args.out, result)
     print(json.dumps(result["speedup"]), flush=True)
@@ -239,6 +270,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--structure", default="mlp,heads")
     ap.add_argument("--remove", type=float, default=0.2)
+    ap.add_argument("--of", choices=("decoder", "model"), default="decoder",
+                    help="speed: --remove is a fraction of the decoder blocks' parameters (the command's meaning) or "
+                         "of the whole model's (embeddings included, which no structure shrinks)")
     ap.add_argument("--importance", default=None, help="speed: default magnitude with --shape, else wanda-sp")
     ap.add_argument("--restore", default="none")
     ap.add_argument("--width-multiple", type=int, default=32)

@@ -26,3 +26,28 @@ def test_speed_mode_on_a_tiny_shape(tmp_path):
     assert set(result["speedup"]) == {"prefill_tok_s", "decode_tok_s", "prefill_tok_cpu_s", "decode_tok_cpu_s"}
     assert len(result["timings"]["dense"]["prefill_cpu_s"]) == 2
     assert not any(p.is_dir() for p in tmp_path.iterdir())  # the saved folders are gone
+
+
+def test_of_model_counts_the_whole_model(tmp_path):
+    """--of model: the decoder gives the whole model's fraction (embeddings are never shrunk), so it loses more."""
+    fractions = {}
+    for of in ("decoder", "model"):
+        out = tmp_path / f"{of}.json"
+        load_script().main(["speed", "--shape", "tiny", "--device", "cpu", "--remove", "0.3", "--of", of,
+                            "--prefill", "8", "--prompt", "4", "--steps", "1", "--repeats", "1", "--warmup", "0",
+                            "--width-multiple", "1", "--tmp", str(tmp_path), "--out", str(out)])
+        result = json.loads(out.read_text())
+        assert result["protocol"]["of"] == of
+        fractions[of] = (result["pruned"]["removed_fraction"], result["pruned"]["model_removed_fraction"])
+    assert abs(fractions["decoder"][0] - 0.3) < 0.02  # within one KV group / channel's rounding of the target
+    assert abs(fractions["model"][1] - 0.3) < 0.02
+    assert fractions["model"][0] > fractions["decoder"][0] + 0.05
+
+
+def test_blocks_on_a_shape_calibrate_on_random_tokens(tmp_path):
+    """ShortGPT's block importance needs calibration; a --shape model has no tokenizer, so random tokens serve."""
+    out = tmp_path / "blocks.json"
+    load_script().main(["speed", "--shape", "tiny", "--device", "cpu", "--structure", "blocks", "--remove", "0.25",
+                        "--nsamples", "2", "--seqlen", "16", "--prefill", "8", "--prompt", "4", "--steps", "1",
+                        "--repeats", "1", "--warmup", "0", "--tmp", str(tmp_path), "--out", str(out)])
+    assert json.loads(out.read_text())["pruned"]["widths"]["num_hidden_layers"] == 3

@@ -13,7 +13,7 @@ from llmprune.cli import app
 from llmprune.methods.channels import keep_top, wanda_sp
 from llmprune.models import find_decoder
 from llmprune.stats import InputNorms
-from llmprune.structured import Structured, Widths, parse_widths, plan_widths
+from llmprune.structured import Structured, Widths, parse_widths, plan_widths, portable_kv_heads
 
 from .conftest import random_tokens, tiny_model
 
@@ -34,6 +34,24 @@ def test_plan_widths_by_hand():
     assert plan(("mlp", "blocks"), 0.36) == Widths(48, 2, 3)
     assert plan(("mlp",), 0.25, multiple=32) == Widths(32, 2, 4)
     assert plan(("heads",), 0.9) == Widths(64, 1, 4)  # at least one KV group stays
+
+
+def test_head_counts_stay_divisors_of_the_hidden_size():
+    # Llama-2-7B's block: 32 heads of 128 in 4096; any other count must still divide 4096 (powers of two)
+    shape = surgery.Shape(hidden=4096, intermediate=11008, heads=32, kv_heads=32, head_dim=128, layers=32,
+                          block_params=202383360, channel_params=3 * 4096, group_params=4 * 128 * 4096)
+    assert portable_kv_heads(shape) == [1, 2, 4, 8, 16, 32]
+    # 20%: 6.4 groups would go (25.6 kept); 32 is nearer than 16, so the MLP takes it all: 3294 channels
+    assert plan_widths(shape, Structured(("mlp", "heads"), 0.2, multiple=32)) == Widths(7712, 32, 32)
+    assert plan_widths(shape, Structured(("heads",), 0.2)) == Widths(11008, 16, 32)  # 19.3 of 32 go: 12.7 -> 16
+    with pytest.raises(UsageError, match="num_key_value_heads=26: 26 query heads do not divide hidden_size 4096"):
+        plan_widths(shape, Structured(("heads",), widths={"num_key_value_heads": 26}))
+    gqa = surgery.Shape(hidden=576, intermediate=1536, heads=9, kv_heads=3, head_dim=64, layers=30,
+                        block_params=3540096, channel_params=3 * 576, group_params=5 * 64 * 576)
+    assert portable_kv_heads(gqa) == [1, 2, 3]  # SmolLM2: 3, 6 or 9 heads all divide 576
+    odd = surgery.Shape(hidden=640, intermediate=2048, heads=3, kv_heads=3, head_dim=256, layers=2,
+                        block_params=1, channel_params=1, group_params=1)
+    assert portable_kv_heads(odd) == [1, 2, 3]  # the model's own count does not divide: no constraint to keep
 
 
 def test_explicit_widths_and_their_limits():

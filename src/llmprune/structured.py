@@ -126,7 +126,8 @@ def plan_widths(shape: Shape, opts: Structured) -> Widths:
     With ``remove`` r: blocks alone drop round(r * layers); combined with width structures, blocks and widths
     each take 1 - sqrt(1 - r). The remaining parameters to remove are then shared in every kept block: heads
     drop round(fraction * KV groups) groups (at least one kept; with heads alone, the group count nearest the
-    target), and the MLP takes the rest, its width rounded to ``opts.multiple``.
+    target), and the MLP takes the rest, its width rounded to ``opts.multiple``. Head counts stay ones that divide
+    ``hidden_size`` where the model's own count does (``portable_kv_heads``).
     """
     if opts.widths is not None:
         return _explicit(shape, opts)
@@ -140,11 +141,28 @@ def plan_widths(shape: Shape, opts: Structured) -> Widths:
     if "heads" in opts.structures:
         drop = per_block / shape.block_params * shape.kv_heads if "mlp" in opts.structures \
             else per_block / shape.group_params
-        kv = shape.kv_heads - min(shape.kv_heads - 1, round(drop))
+        kv = nearest(portable_kv_heads(shape), shape.kv_heads - min(shape.kv_heads - 1, drop))
     if "mlp" in opts.structures:
         channels = (per_block - (shape.kv_heads - kv) * shape.group_params) / shape.channel_params
         intermediate = _round_width(shape.intermediate - channels, opts.multiple, shape.intermediate)
     return Widths(intermediate, kv, layers)
+
+
+def portable_kv_heads(shape: Shape) -> list[int]:
+    """KV group counts whose query heads divide ``hidden_size``, where the model's own head count does.
+
+    Some transformers versions (5.17, say) refuse to load a config whose ``hidden_size`` is not a multiple of
+    ``num_attention_heads``, even with ``head_dim`` written out; a model that meets this keeps meeting it.
+    """
+    counts = range(1, shape.kv_heads + 1)
+    if shape.hidden % shape.heads:
+        return list(counts)
+    return [g for g in counts if shape.hidden % (g * shape.heads_per_group) == 0]
+
+
+def nearest(choices: list[int], target: float) -> int:
+    """The choice nearest ``target``; between two equally near, the larger (less removed)."""
+    return min(choices, key=lambda c: (abs(c - target), -c))
 
 
 def _round_width(width: float, multiple: int, full: int) -> int:
@@ -158,6 +176,11 @@ def _explicit(shape: Shape, opts: Structured) -> Widths:
     for key, value in opts.widths.items():
         if not 1 <= value <= limits[key]:
             raise UsageError(f"--widths {key}={value}: the model has {limits[key]}; give 1 to {limits[key]}")
+    kv = opts.widths.get("num_key_value_heads")
+    if kv is not None and kv not in (portable := portable_kv_heads(shape)):
+        raise UsageError(f"--widths num_key_value_heads={kv}: {kv * shape.heads_per_group} query heads do not divide "
+                         f"hidden_size {shape.hidden}, and some transformers versions refuse such a config; "
+                         f"give one of {', '.join(map(str, portable))}")
     return Widths(*(opts.widths.get(k, limits[k]) for k in limits))
 
 
