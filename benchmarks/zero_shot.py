@@ -1,5 +1,6 @@
 """Mean zero-shot accuracy (lm-evaluation-harness, 0-shot) next to WikiText-2 perplexity, on one model:
-dense, magnitude, Wanda and SparseGPT at 50% unstructured and 2:4, and the time each task takes.
+dense, magnitude, Wanda and SparseGPT at 50% unstructured and 2:4 (or, with ``--structured``, structured
+pruning rows: ``--structured flap+lsq,wanda-sp+none,shortgpt --remove 0.2``), and the time each task takes.
 
 The seven tasks of the Wanda paper (BoolQ, RTE, HellaSwag, WinoGrande, ARC-e, ARC-c, OpenBookQA),
 read from the local data directory, first ``--limit`` examples of each (the full sets take hours on a
@@ -50,6 +51,10 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--runs", default=None, help="comma list of method/pattern, e.g. wanda/2:4 (default: all six)")
+    ap.add_argument("--structured", default=None,
+                    help="structured rows instead: comma list of importance+restore (e.g. flap+lsq) or shortgpt")
+    ap.add_argument("--structure", default="mlp,heads", help="--structured: the structures (shortgpt: blocks)")
+    ap.add_argument("--remove", type=float, default=0.2, help="--structured: fraction of the decoder removed")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
 
@@ -104,7 +109,17 @@ def main() -> None:
 
     if ("dense", "-") not in done:
         evaluate("dense", "-", 0.0, 0.0)
-    for method, pattern in runs:
+    for label in (args.structured.split(",") if args.structured else []):
+        structure = "blocks" if label == "shortgpt" else args.structure
+        pattern = f"{structure} {round(100 * args.remove)}%"
+        if (label, pattern) in done:
+            continue
+        model, _, _ = loading.load_model(args.model, dtype)
+        importance, _, restore = ("magnitude+none" if label == "shortgpt" else label).partition("+")
+        res = api.prune_structured(model, tok, structure=structure, remove=args.remove, importance=importance,
+                                   restore=restore or "none", calib_tokens=tokens, calibration=calib, device=device)
+        evaluate(label, pattern, res.prune_s, res.removed_fraction)
+    for method, pattern in runs if not args.structured else []:
         if (method, pattern) in done:
             continue
         model, _, _ = loading.load_model(args.model, dtype)

@@ -125,10 +125,25 @@ class Evaluator:
         return ppl, zs
 
 
-def run_prune(job: PruneJob, world) -> Outcome | None:
-    """The whole `llmprune prune`; None on the torchrun ranks other than 0 (rank 0 evaluates, saves, reports)."""
-    if job.structure is not None:
-        return run_structured(job, world)
+@dataclass
+class Prepared:
+    """What both runs have before they prune: the model loaded, its calibration tokens, its dense evaluation."""
+
+    ddir: Path | None
+    lm: object
+    tok: object
+    info: dict
+    placement: object
+    tokens: object
+    drawn_from: object
+    evaluate: Evaluator
+    dense: tuple
+    times: dict
+
+
+def prepare(job: PruneJob, world, check) -> Prepared:
+    """Check the job, load the model (CUDA starting meanwhile), ``check(lm, placement)`` before any heavy work,
+    draw the calibration tokens, evaluate the dense model; the model is left on the CPU if it was evaluated."""
     startup_s = report_mod.process_age_s()  # interpreter, imports and parsing, before any of this run's work
     ddir = preflight(job)
     if not job.run.stream_from_disk:
@@ -139,67 +154,75 @@ def run_prune(job: PruneJob, world) -> Outcome | None:
     lm, tok, info, placement = load(job, job.run.progress and world.is_main)
     load_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    find_decoder(lm)  # an unsupported architecture is refused before any evaluation
-    in_place = job.save.format == "dense" and layout.direct_layout_supported(lm)  # the work folder becomes --out
-    if placement is not None and not in_place:
-        raise UsageError("--stream-from-disk: transformers saves this architecture under other tensor names than it "
-                         "loads; prune it without --stream-from-disk")
+    check(lm, placement)  # an unsupported architecture or layout is refused before any evaluation
     tokens, drawn_from = calibration(job, lm, tok, ddir)
     calib_data_s = time.perf_counter() - t0
     evaluate = Evaluator(job, lm, tok, ddir)
     dense = evaluate("dense")
     if evaluate.active:
         lm.to("cpu")
+    times = {"load_s": load_s, "calib_data_s": calib_data_s, "cuda_init_s": cuda_init_s, "startup_s": startup_s}
+    return Prepared(ddir, lm, tok, info, placement, tokens, drawn_from, evaluate, dense, times)
+
+
+def _check_sparse(job: PruneJob):
+    def check(lm, placement) -> None:
+        find_decoder(lm)
+        if placement is not None and not _in_place(job, lm):
+            raise UsageError("--stream-from-disk: transformers saves this architecture under other tensor names "
+                             "than it loads; prune it without --stream-from-disk")
+    return check
+
+
+def _in_place(job: PruneJob, lm) -> bool:
+    """Whether the work folder becomes --out (a dense folder in the layout transformers loads)."""
+    return job.save.format == "dense" and layout.direct_layout_supported(lm)
+
+
+def run_prune(job: PruneJob, world) -> Outcome | None:
+    """The whole `llmprune prune`; None on the torchrun ranks other than 0 (rank 0 evaluates, saves, reports)."""
+    if job.structure is not None:
+        return run_structured(job, world)
+    prep = prepare(job, world, _check_sparse(job))
+    lm, placement = prep.lm, prep.placement
+    in_place = _in_place(job, lm)
     t0 = time.perf_counter()
     where = "streamed" if placement is not None else place_weights(
-        lm, job.run.weights, job.run.device, tokens, job.run.batch_size, job.method.needs, job.run.activations,
+        lm, job.run.weights, job.run.device, prep.tokens, job.run.batch_size, job.method.needs, job.run.activations,
         api.work_bytes(job.method))
     place_s = time.perf_counter() - t0  # the weights' copy to the GPU
     work = checkpoint.work_dir_for(job.save.out) if job.save.out is not None else None
-    result = api.prune(lm, tok, method=job.method, pattern=job.pattern, calibration=drawn_from, calib_tokens=tokens,
-                       device=job.run.device, batch_size=job.run.batch_size, data_dir=ddir,
-                       progress=job.run.progress and world.is_main, layerwise=job.layerwise,
+    result = api.prune(lm, prep.tok, method=job.method, pattern=job.pattern, calibration=prep.drawn_from,
+                       calib_tokens=prep.tokens, device=job.run.device, batch_size=job.run.batch_size,
+                       data_dir=prep.ddir, progress=job.run.progress and world.is_main, layerwise=job.layerwise,
                        activations=job.run.activations, world=world, placement=placement, checkpoint_dir=work,
                        overwrite=job.save.overwrite)
     if not world.is_main:  # every rank holds the same pruned model; rank 0 evaluates, reports and saves it
         return None
-    pruned = evaluate("pruned")
-    times = {"load_s": load_s, "calib_data_s": calib_data_s, "cuda_init_s": cuda_init_s, "place_s": place_s,
-             "prune_s": result.prune_s, "startup_s": startup_s}
-    return finish(job, lm, tok, info, result, (dense, pruned), evaluate.seconds, times, work, in_place,
-                  placement, world, where)
+    pruned = prep.evaluate("pruned")
+    times = {**prep.times, "place_s": place_s, "prune_s": result.prune_s}
+    return finish(job, lm, prep.tok, prep.info, result, (prep.dense, pruned), prep.evaluate.seconds, times, work,
+                  in_place, placement, world, where)
 
 
 def run_structured(job: PruneJob, world) -> Outcome:
     """`llmprune prune --structure ...`: load, calibrate, evaluate, shrink, evaluate again, save, report."""
     if world.size > 1:
         raise UsageError("--structure runs in one process; run it without torchrun")
-    startup_s = report_mod.process_age_s()
-    ddir = preflight(job)
-    devices.reset_peak_memory()
-    t0 = time.perf_counter()
-    lm, tok, info, _ = load(job, job.run.progress)
-    load_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    surgery.check_supported(lm)  # an unsupported architecture is refused before any evaluation
-    tokens, drawn_from = calibration(job, lm, tok, ddir)
-    calib_data_s = time.perf_counter() - t0
-    evaluate = Evaluator(job, lm, tok, ddir)
-    dense = evaluate("dense")
-    if evaluate.active:
-        lm.to("cpu")
-    result = api.prune_structured(lm, tok, structure=job.structure, calibration=drawn_from, calib_tokens=tokens,
-                                  device=job.run.device, batch_size=job.run.batch_size, data_dir=ddir,
-                                  progress=job.run.progress)
-    pruned = evaluate("pruned")
+    prep = prepare(job, world, lambda lm, _: surgery.check_supported(lm))
+    lm, tok = prep.lm, prep.tok
+    result = api.prune_structured(lm, tok, structure=job.structure, calibration=prep.drawn_from,
+                                  calib_tokens=prep.tokens, device=job.run.device, batch_size=job.run.batch_size,
+                                  data_dir=prep.ddir, progress=job.run.progress)
+    pruned = prep.evaluate("pruned")
     t0 = time.perf_counter()
     staged = export.stage_pruned(lm.to("cpu"), tok, job.save.out, job.save.overwrite) if job.save.out else None
-    times = {"load_s": load_s, "calib_data_s": calib_data_s, "prune_s": result.prune_s, "eval_s": evaluate.seconds,
-             "save_s": time.perf_counter() - t0, "startup_s": startup_s}
+    times = {**prep.times, "prune_s": result.prune_s, "eval_s": prep.evaluate.seconds,
+             "save_s": time.perf_counter() - t0}
     payload = report_mod.build_structured_report(
-        model=info, result=result, device=job.run.device, dtype=job.run.dtype, times=times,
-        peak=devices.peak_memory_bytes(), dense_ppl=dense[0], pruned_ppl=pruned[0], eval_settings=job.eval,
-        zero_shot=report_mod.zero_shot_table(dense[1], pruned[1]),
+        model=prep.info, result=result, device=job.run.device, dtype=job.run.dtype, times=times,
+        peak=devices.peak_memory_bytes(), dense_ppl=prep.dense[0], pruned_ppl=pruned[0], eval_settings=job.eval,
+        zero_shot=report_mod.zero_shot_table(prep.dense[1], pruned[1]),
         extra={"command": sys.argv, "weights_sha256": integrity.state_sha256(lm),
                "bytes_written": staged.bytes_written if staged else 0})
     if staged is not None:
