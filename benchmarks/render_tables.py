@@ -575,6 +575,8 @@ if __name__ == "__main__":
                      ("perm_gather_h200.json", perm_gather_table), ("prune_time_h200.json", prune_time_gpu_table),
                      ("cli_e2e_smollm2_h200.json", cli_e2e_real_table), ("alps_smollm2.json", alps_table),
                      ("structured_smollm2.json", structured_table),
+                     ("structured_mlp_smollm2.json", structured_table), ("structured_gemma3.json", structured_table),
+                     ("alps_gemma3.json", alps_table),
                      ("structured_speed_smollm2_cpu.json", structured_speed_table),
                      ("structured_speed_blocks_smollm2_cpu.json", structured_speed_table),
                      ("structured_speed_smollm2_cpu_model20.json", structured_speed_table),
