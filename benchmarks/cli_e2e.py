@@ -398,14 +398,14 @@ def real_part(args) -> None:
         base += ["--eval-seqlen", str(args.eval_seqlen or args.seqlen)]
     for repeat in range(args.repeats):
         for spec in args.runs.split(","):  # method/pattern/-/output, then any more flags after a space
-            head, *more = spec.split(" ", 1)
+            head, _, more = spec.partition(" ")
             method, pattern, _, output = head.split("/")
             out, report = work / "pruned", work / "report.json"
             shutil.rmtree(out, ignore_errors=True)
             report.unlink(missing_ok=True)
             cmd = [sys.executable, "-m", "llmprune", "prune", "--model", args.model, "--method", method,
                    "--pattern", pattern, "--device", args.device, "--dtype", args.dtype, "--report", str(report),
-                   "--no-progress", *base, *" ".join(more).split()] + (["--out", str(out)] if output == "out" else [])
+                   "--no-progress", *base, *more.split()] + (["--out", str(out)] if output == "out" else [])
             run = run_cli(cmd, env_for(args.threads))
             rep = json.loads(report.read_text()) if report.is_file() else None
             row = row_of(spec, run, rep, out)

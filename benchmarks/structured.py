@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from llmprune import api, data, devices, loading, report
+from llmprune import api, data, devices, loading, report, surgery
 from llmprune.config import Calibration
 from llmprune.evaluate import perplexity, windows_of
 
@@ -140,9 +140,7 @@ def save_pair(args, device, dtype, folder: Path) -> dict:
     calib = Calibration("c4", args.nsamples, args.seqlen, 0)
     remove = args.remove
     if args.of == "model":  # --remove counts the whole model's parameters: the decoder gives them all
-        from llmprune.surgery import decoder_params, model_params
-
-        remove = args.remove * model_params(model) / decoder_params(model)
+        remove = args.remove * surgery.model_params(model) / surgery.decoder_params(model)
     # a --shape model has no tokenizer: random tokens stand in where the choice needs calibration (ShortGPT's
     # block importance); they pick which blocks go, not how many, so the speed is the same
     tokens = (torch.randint(0, model.config.vocab_size, (args.nsamples, args.seqlen),

@@ -139,10 +139,13 @@ class Prepared:
     evaluate: Evaluator
     dense: tuple
     times: dict
+    checked: object
+    """What ``check`` returned (the sparse run: whether the work folder becomes --out)."""
 
 
 def prepare(job: PruneJob, world, check) -> Prepared:
-    """Check the job, load the model (CUDA starting meanwhile), ``check(lm, placement)`` before any heavy work,
+    """Check the job, load the model (CUDA starting meanwhile), ``check(lm, placement)`` before any heavy work
+    (its answer kept as ``checked``),
     draw the calibration tokens, evaluate the dense model; the model is left on the CPU if it was evaluated."""
     startup_s = report_mod.process_age_s()  # interpreter, imports and parsing, before any of this run's work
     ddir = preflight(job)
@@ -154,7 +157,7 @@ def prepare(job: PruneJob, world, check) -> Prepared:
     lm, tok, info, placement = load(job, job.run.progress and world.is_main)
     load_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    check(lm, placement)  # an unsupported architecture or layout is refused before any evaluation
+    checked = check(lm, placement)  # an unsupported architecture or layout is refused before any evaluation
     tokens, drawn_from = calibration(job, lm, tok, ddir)
     calib_data_s = time.perf_counter() - t0
     evaluate = Evaluator(job, lm, tok, ddir)
@@ -162,21 +165,20 @@ def prepare(job: PruneJob, world, check) -> Prepared:
     if evaluate.active:
         lm.to("cpu")
     times = {"load_s": load_s, "calib_data_s": calib_data_s, "cuda_init_s": cuda_init_s, "startup_s": startup_s}
-    return Prepared(ddir, lm, tok, info, placement, tokens, drawn_from, evaluate, dense, times)
+    return Prepared(ddir, lm, tok, info, placement, tokens, drawn_from, evaluate, dense, times, checked)
 
 
 def _check_sparse(job: PruneJob):
-    def check(lm, placement) -> None:
+    def check(lm, placement) -> bool:
+        """The architecture is supported; returns whether the work folder becomes --out (a dense folder in the
+        layout transformers loads), which --stream-from-disk needs."""
         find_decoder(lm)
-        if placement is not None and not _in_place(job, lm):
+        in_place = job.save.format == "dense" and layout.direct_layout_supported(lm)
+        if placement is not None and not in_place:
             raise UsageError("--stream-from-disk: transformers saves this architecture under other tensor names "
                              "than it loads; prune it without --stream-from-disk")
+        return in_place
     return check
-
-
-def _in_place(job: PruneJob, lm) -> bool:
-    """Whether the work folder becomes --out (a dense folder in the layout transformers loads)."""
-    return job.save.format == "dense" and layout.direct_layout_supported(lm)
 
 
 def run_prune(job: PruneJob, world) -> Outcome | None:
@@ -184,8 +186,7 @@ def run_prune(job: PruneJob, world) -> Outcome | None:
     if job.structure is not None:
         return run_structured(job, world)
     prep = prepare(job, world, _check_sparse(job))
-    lm, placement = prep.lm, prep.placement
-    in_place = _in_place(job, lm)
+    lm, placement, in_place = prep.lm, prep.placement, prep.checked
     t0 = time.perf_counter()
     where = "streamed" if placement is not None else place_weights(
         lm, job.run.weights, job.run.device, prep.tokens, job.run.batch_size, job.method.needs, job.run.activations,
