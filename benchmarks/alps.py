@@ -91,7 +91,7 @@ def main() -> None:
     wins = windows_of(data.eval_tokens(tok, "wikitext2", args.eval_seqlen, ddir), args.eval_seqlen,
                       args.eval_windows, bos)
     if result is None:
-        dense = perplexity(model, wins, device, max(1, 4096 // args.eval_seqlen), progress=False).perplexity
+        dense = perplexity(model.to(device), wins, device, max(1, 4096 // args.eval_seqlen), progress=False).perplexity
         result = {"model": info, "device": str(device), "dtype": "float32", "protocol": protocol,
                   "machine": {"cpu": platform.processor() or platform.machine(), "threads": args.threads},
                   "versions": report.versions(), "command": "python benchmarks/alps.py --out " + args.out,

@@ -95,7 +95,7 @@ def run_ppl(args) -> None:
     wins = windows_of(data.eval_tokens(tok, "wikitext2", args.eval_seqlen, ddir), args.eval_seqlen,
                       args.eval_windows, bos)
     if result is None:
-        dense = perplexity(model, wins, device, max(1, 4096 // args.eval_seqlen), progress=False).perplexity
+        dense = perplexity(model.to(device), wins, device, max(1, 4096 // args.eval_seqlen), progress=False).perplexity
         result = {"model": info, "device": str(device), "dtype": str(dtype).replace("torch.", ""),
                   "machine": machine(), "protocol": protocol, "versions": report.versions(),
                   "rows": [{"label": "dense", "perplexity": dense, "removed_fraction": 0.0}]}
