@@ -65,3 +65,35 @@ def test_prefetch_asks_for_a_folders_weight_files_only(tmp_path):
     assert prefetch(str(tmp_path)) == 1024
     assert prefetch("someone/some-model") == 0
     assert prefetch(str(tmp_path / "model-00001.safetensors")) == 0
+
+
+class _Tokenizer:
+    """A stand-in with a vocabulary of ``size`` that splits text into words or into characters."""
+
+    def __init__(self, size: int, per_char: bool):
+        self.size, self.per_char = size, per_char
+
+    def __len__(self):
+        return self.size
+
+    def __call__(self, text, add_special_tokens=True):
+        pieces = [c for c in text if not c.isspace()] if self.per_char else text.split()
+        return {"input_ids": list(range(len(pieces)))}
+
+
+def test_a_gguf_tokenizer_read_as_characters_is_refused():
+    # transformers 5.17 turns Gemma 3's saved GGUF vocabulary into one token per character: 35 ids for 9 words
+    with pytest.raises(UsageError, match=r"wrongly \(35 tokens for a 9-word English sentence, at most 18.*transformers"):
+        loading.check_gguf_tokenizer(_Tokenizer(262144, per_char=True), "m.gguf")
+
+
+def test_a_word_level_or_tiny_vocabulary_passes():
+    loading.check_gguf_tokenizer(_Tokenizer(262144, per_char=False), "m.gguf")  # 9 tokens
+    loading.check_gguf_tokenizer(_Tokenizer(7999, per_char=True), "m.gguf")  # a small vocabulary may split words
+
+
+@pytest.mark.slow
+def test_the_real_tokenizer_passes_the_check():
+    tok = loading.load_model("smollm2-135m", progress=False)[1]
+    loading.check_gguf_tokenizer(tok, "smollm2.gguf")
+    assert len(tok(loading._SENTENCE, add_special_tokens=False)["input_ids"]) <= 12

@@ -123,6 +123,24 @@ def _one_line(exc: Exception, limit: int) -> str:
     return " ".join(str(exc).split())[:limit]
 
 
+_SENTENCE = "The quick brown fox jumps over the lazy dog"  # 9 common words: 9-12 tokens in any real LM vocabulary
+
+
+def check_gguf_tokenizer(tokenizer, gguf: str) -> None:
+    """Refuse a tokenizer rebuilt from a GGUF file that splits common words apart: transformers 5.17 turns Gemma 3's
+    vocabulary into one token per character once saved, so every score from it would be meaningless."""
+    if len(tokenizer) < 8000:
+        return  # a small vocabulary may split words by design
+    words = len(_SENTENCE.split())
+    ids = tokenizer(_SENTENCE, add_special_tokens=False)["input_ids"]
+    if len(ids) > 2 * words:
+        import transformers
+
+        raise UsageError(f"--model {gguf}: transformers {transformers.__version__} reads this GGUF's tokenizer wrongly "
+                         f"({len(ids)} tokens for a {words}-word English sentence, at most {2 * words} expected); "
+                         "install another transformers (5.24.0 reads it right: pip install transformers==5.24.0)")
+
+
 def gguf_to_folder(gguf: str) -> Path:
     """De-quantize a GGUF file into a cached fp32 model folder (atomic: complete or absent)."""
     path = Path(gguf)
@@ -154,6 +172,7 @@ def gguf_to_folder(gguf: str) -> Path:
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        check_gguf_tokenizer(AutoTokenizer.from_pretrained(tmp), gguf)  # the tokenizer every later load gets
         os.replace(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
