@@ -93,7 +93,8 @@ def main() -> None:
     if result is None:
         dense = perplexity(model.to(device), wins, device, max(1, 4096 // args.eval_seqlen), progress=False).perplexity
         result = {"model": info, "device": str(device), "dtype": "float32", "protocol": protocol,
-                  "machine": {"cpu": platform.processor() or platform.machine(), "threads": args.threads},
+                  "machine": {"cpu": platform.processor() or platform.machine(), "threads": args.threads,
+                              "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None},
                   "versions": report.versions(), "command": "python benchmarks/alps.py --out " + args.out,
                   "rows": [{"label": "dense", "cell": "-", "perplexity": dense}]}
         report.write_json(out, result)

@@ -9,10 +9,20 @@ from pathlib import Path
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+def model_name(r: dict) -> str:
+    """The alias where a GGUF was carried to another machine under a temporary path, else the spec as given."""
+    m = r["model"]
+    return f"{m['alias']} (sha256 {m['sha256'][:8]}... at {m['path']})" if m.get("alias") else m["spec"]
+
+
+def where(r: dict) -> str:
+    return r["machine"].get("gpu") or f"{r['machine']['threads']} threads"
+
+
 def paper_table(path: Path) -> str:
     r = json.loads(path.read_text())
     cal, ev = r["protocol"]["calibration"], r["protocol"]["eval"]
-    head = (f"{r['model']['spec']} on {r['device']} ({r['machine']['threads']} threads), {r['dtype']}; calibration "
+    head = (f"{model_name(r)} on {r['device']} ({where(r)}), {r['dtype']}; calibration "
             f"{cal['nsamples']} x {cal['seqlen']} C4 tokens, seed {cal['seed']}; WikiText-2 test, "
             f"{ev['seqlen']}-token windows, first {ev['windows']}.\n\n")
     lines = ["| method | 50% unstructured | 4:8 | 2:4 |", "|---|---:|---:|---:|"]
@@ -322,6 +332,7 @@ def zero_shot_table(path: Path) -> str:
              "|---|---|" + "---:|" * (len(tasks) + 2)]
     done = {(x["method"], x["pattern"]): x for x in r["rows"]}
     order = [("dense", "-")] + [(m, pat) for pat in ("unstructured", "2:4") for m in ("magnitude", "wanda", "sparsegpt")]
+    order += [key for key in done if key not in order]  # structured rows and any others, in the JSON's order
     for key in order:
         x = done.get(key)
         label = "50% unstructured" if key[1] == "unstructured" else key[1]
@@ -400,7 +411,7 @@ def alps_table(path: Path) -> str:
     cal, ev = r["protocol"]["calibration"], r["protocol"]["eval"]
     cells = ["50%", "60%", "70%", "2:4"]
     dense = next(x["perplexity"] for x in r["rows"] if x["label"] == "dense")
-    head = (f"{r['model']['spec']} on {r['device']} ({r['machine']['threads']} threads), {r['dtype']}; calibration "
+    head = (f"{model_name(r)} on {r['device']} ({where(r)}), {r['dtype']}; calibration "
             f"{cal['nsamples']} x {cal['seqlen']} C4 tokens, seed {cal['seed']}; WikiText-2 test, {ev['seqlen']}-token "
             f"windows, first {ev['windows']}; dense {dense:.2f}. Cells: perplexity (prune time in s); - = not run.\n\n")
     labels = list(dict.fromkeys(x["label"] for x in r["rows"] if x["label"] != "dense"))
@@ -500,7 +511,7 @@ def structured_table(path: Path) -> str:
     rows = [x for x in r["rows"] if x["label"] != "dense" and "perplexity" in x]
     dense = next(x["perplexity"] for x in r["rows"] if x["label"] == "dense")
     removes = sorted({x["remove"] for x in rows})
-    head = (f"{r['model']['spec']} on {r['device']} ({r['machine']['threads']} threads), {r['dtype']}; structure "
+    head = (f"{model_name(r)} on {r['device']} ({where(r)}), {r['dtype']}; structure "
             f"{r['protocol']['structure']} (uniform widths, MLP width a multiple of {r['protocol']['width_multiple']}); "
             f"calibration {cal['nsamples']} x {cal['seqlen']} C4 tokens, seed {cal['seed']}; WikiText-2 test, "
             f"{ev['seqlen']}-token windows, first {ev['windows']}; dense {dense:.2f}. Cells: perplexity (share of the "
@@ -576,7 +587,12 @@ if __name__ == "__main__":
                      ("cli_e2e_smollm2_h200.json", cli_e2e_real_table), ("alps_smollm2.json", alps_table),
                      ("structured_smollm2.json", structured_table),
                      ("structured_mlp_smollm2.json", structured_table), ("structured_gemma3.json", structured_table),
-                     ("alps_gemma3.json", alps_table),
+                     ("alps_gemma3.json", alps_table), ("alps_gemma3_h200.json", alps_table),
+                     ("structured_smollm2_paper_h200.json", structured_table),
+                     ("structured_gemma3_h200.json", structured_table),
+                     ("structured_gemma3_paper_h200.json", structured_table),
+                     ("zero_shot_gemma3.json", zero_shot_table),
+                     ("structured_speed_llama2_7b_h200_blocks.json", structured_speed_table),
                      ("structured_speed_smollm2_cpu.json", structured_speed_table),
                      ("structured_speed_blocks_smollm2_cpu.json", structured_speed_table),
                      ("structured_speed_smollm2_cpu_model20.json", structured_speed_table),
