@@ -67,7 +67,9 @@ def main() -> None:
     model, tok, info = loading.load_model(args.model, dtype)
     calib = Calibration("c4", args.nsamples, args.seqlen, args.seed)
     tokens = api.calibration_tokens(model, tok, calib, ddir)
-    wins = windows_of(data.eval_tokens(tok, "wikitext2", args.eval_seqlen, ddir), args.eval_seqlen, args.eval_windows)
+    bos = tok.bos_token_id if api.needs_bos(model) else None  # Gemma: every window starts with BOS, as in `eval`
+    wins = windows_of(data.eval_tokens(tok, "wikitext2", args.eval_seqlen, ddir), args.eval_seqlen, args.eval_windows,
+                      bos)
     batch = max(1, 4096 // args.eval_seqlen)
     runs = RUNS if not args.runs else [tuple(r.split("/")) for r in args.runs.split(",")]
 
