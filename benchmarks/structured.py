@@ -19,6 +19,12 @@ process's CPU time: on a shared CPU, a one-thread run's CPU time (``--threads 1`
 
 ``--shape`` builds a model of that shape from its config with random weights (no download, nothing read);
 it is pruned with ``magnitude`` importance (no calibration), which gives the same widths any importance would.
+
+``prune``: the prune time of each importance+restore in ``--only`` on the same model (a fresh copy each, with
+``--shape`` random weights and random calibration tokens), through ``llmprune.prune_structured``; no saving.
+
+    python benchmarks/structured.py prune --shape llama-2-7b --device cuda --dtype bfloat16 --nsamples 128 \
+        --seqlen 2048 --only flap+lsq obs+lsq --out prune_time_7b.json
 """
 
 from __future__ import annotations
@@ -45,8 +51,8 @@ SHAPES = {
     "tiny": dict(vocab_size=512, hidden_size=64, intermediate_size=256, num_hidden_layers=4,
                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024),
 }
-IMPORTANCES = ("wanda-sp", "flap", "magnitude")
-RESTORES = ("none", "lsq", "bias")
+IMPORTANCES = ("wanda-sp", "flap", "magnitude", "obs")
+RESTORES = ("none", "lsq", "bias", "lsq-dense")
 REMOVES = (0.2, 0.1, 0.3)
 
 
@@ -150,7 +156,8 @@ def save_pair(args, device, dtype, folder: Path) -> dict:
                                calib_tokens=tokens, device=device, progress=False)
     model.save_pretrained(folder / "pruned")
     del model
-    return {"widths": res.widths.to_dict(), "params": res.params, "removed_fraction": res.removed_fraction,
+    return {"widths": res.widths.to_dict(), "params": res.params, "prune_s": res.prune_s,
+            "removed_fraction": res.removed_fraction,
             "model_removed_fraction": res.model_removed_fraction, "settings": res.options.settings()}
 
 
@@ -236,6 +243,34 @@ def rates(t: dict, args) -> dict:
     return out
 
 
+def run_prune_time(args) -> None:
+    device = devices.resolve_device(args.device)
+    dtype = devices.resolve_dtype(args.dtype, device)
+    rows = []
+    for label in args.only or ["wanda-sp+none"]:
+        importance, _, restore = label.partition("+")
+        model, tok = shape_model(args.shape, dtype, device) if args.shape else loading.load_model(args.model, dtype)[:2]
+        tokens = torch.randint(0, model.config.vocab_size, (args.nsamples, args.seqlen),
+                               generator=torch.Generator().manual_seed(0)) if args.shape else None
+        devices.synchronize(device)
+        t0 = time.perf_counter()
+        res = api.prune_structured(model, tok, structure=args.structure, remove=args.remove, importance=importance,
+                                   restore=restore or "none", width_multiple=args.width_multiple,
+                                   calibration=Calibration("c4", args.nsamples, args.seqlen, 0), calib_tokens=tokens,
+                                   device=device, progress=False)
+        devices.synchronize(device)
+        rows.append({"label": label, "prune_s": res.prune_s, "wall_s": time.perf_counter() - t0,
+                     "widths": res.widths.to_dict(), "removed_fraction": res.removed_fraction,
+                     "settings": res.options.settings()})
+        print(json.dumps({k: rows[-1][k] for k in ("label", "prune_s", "wall_s")}), flush=True)
+        del model, res
+    report.write_json(args.out, {"model": args.shape or args.model, "device": str(device),
+                                 "dtype": str(dtype).replace("torch.", ""), "machine": machine(),
+                                 "versions": report.versions(), "structure": args.structure, "remove": args.remove,
+                                 "calibration": {"nsamples": args.nsamples, "seqlen": args.seqlen,
+                                                 "tokens": "random" if args.shape else "c4"}, "rows": rows})
+
+
 def run_speed(args) -> None:
     from transformers import AutoModelForCausalLM
 
@@ -261,7 +296,7 @@ def run_speed(args) -> None:
 
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("mode", choices=("ppl", "speed"))
+    ap.add_argument("mode", choices=("ppl", "speed", "prune"))
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--shape", choices=tuple(SHAPES), default=None, help="speed: a random-weight model of this shape")
     ap.add_argument("--device", default="cpu")
@@ -297,7 +332,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    (run_ppl if args.mode == "ppl" else run_speed)(args)
+    {"ppl": run_ppl, "speed": run_speed, "prune": run_prune_time}[args.mode](args)
 
 
 if __name__ == "__main__":

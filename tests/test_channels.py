@@ -3,8 +3,9 @@
 import pytest
 import torch
 
+from llmprune.methods import channels
 from llmprune.methods.channels import (IMPORTANCE, compensation_bias, cosine_sum, fluctuation, group_scores,
-                                       keep_top, magnitude, wanda_sp)
+                                       keep_top, magnitude, obs_keep, wanda_sp)
 from llmprune.methods.update import exact_lsq, lsq_columns, lsq_update
 from llmprune.stats import Hessian, InputMeans, InputNorms
 
@@ -84,3 +85,77 @@ def test_lsq_columns_equals_lstsq_and_the_masked_solvers():
     # and it never does worse than the sliced weights on the calibration inputs
     err = lambda v: ((x[:, kept] @ v.T - x @ w.T) ** 2).sum()
     assert err(fitted) < err(w[:, kept])
+
+
+def test_lsq_columns_with_cross_fits_the_dense_outputs():
+    torch.manual_seed(3)
+    y = torch.randn(300, 10) @ torch.randn(10, 10)  # the layer's inputs in the dense model
+    x = y + 0.3 * torch.randn(300, 10)  # and in the pruned one, token by token
+    w = torch.randn(6, 10)
+    kept = torch.tensor([0, 2, 3, 7, 8])
+    h = stats_of(x)["hessian"].matrix
+    cross = (2 / 300) * x.T @ y
+    ref = torch.linalg.lstsq(x[:, kept].double(), (y @ w.T).double()).solution.T
+    assert torch.allclose(lsq_columns(w, kept, h, 0.0, cross).double(), ref, atol=1e-4)
+    assert torch.allclose(lsq_columns(w, kept, h, 0.01, h), lsq_columns(w, kept, h, 0.01))  # C = H: the plain fit
+    fitted = lsq_columns(w, kept, h, 0.01, cross)
+    err = lambda v: ((x[:, kept] @ v.T - y @ w.T) ** 2).sum()
+    assert err(fitted) < err(lsq_columns(w, kept, h, 0.01)) < err(w[:, kept])
+
+
+def refit_error(w, h, kept_cols, damp):
+    """The damped re-fit objective min_V tr((W - V) Hd (W - V)^T) with V zero outside ``kept_cols``, directly."""
+    w, h = w.double(), h.double()
+    hd = h + damp * h.diagonal().mean() * torch.eye(h.shape[0], dtype=torch.float64)
+    total = torch.trace(w @ hd @ w.T)
+    if len(kept_cols) == 0:
+        return float(total)
+    k = torch.tensor(kept_cols)
+    return float(total - torch.trace(w @ hd[:, k] @ torch.linalg.solve(hd[k][:, k], hd[k] @ w.T)))
+
+
+def brute_greedy(w, h, groups, keep, damp):
+    """Greedy removal by trying every live group and re-solving the re-fit from scratch."""
+    size = w.shape[1] // groups
+    alive = list(range(groups))
+    cols = lambda gs: [g * size + i for g in gs for i in range(size)]
+    while len(alive) > keep:
+        errors = [refit_error(w, h, cols([g for g in alive if g != c]), damp) for c in alive]
+        alive.remove(alive[min(range(len(alive)), key=errors.__getitem__)])
+    return alive
+
+
+@pytest.mark.parametrize("groups", [12, 4])
+def test_obs_keep_is_the_greedy_of_exact_refits(groups):
+    torch.manual_seed(1)
+    x = torch.randn(400, 12) @ torch.randn(12, 12) + torch.randn(12)
+    w = torch.randn(5, 12)
+    st = stats_of(x)
+    for keep in (groups - 1, groups // 2, 1):
+        assert obs_keep(w, st, groups, keep, 0.01).tolist() == brute_greedy(w, st["hessian"].matrix, groups, keep, 0.01)
+    assert IMPORTANCE["obs"].needs == ("hessian",)
+    assert IMPORTANCE["obs"].keep(w, st, groups, groups // 2, 0.01).tolist() == brute_greedy(
+        w, st["hessian"].matrix, groups, groups // 2, 0.01)
+
+
+def test_obs_keep_by_hand_with_uncorrelated_inputs():
+    # orthogonal inputs: H is diagonal, a removed column cannot be re-fitted from the others, and the cost of
+    # column j is ||W_:j||^2 * (H_jj + d); with d = 0, H = diag(16, 1, 0.25, 4)
+    x = torch.tensor([[4.0, 0, 0, 0], [0, 1.0, 0, 0], [0, 0, 0.5, 0], [0, 0, 0, 2.0]])
+    w = torch.tensor([[1.0, 2.0, 3.0, 1.5]])  # costs 16, 4, 2.25, 9 -> column 2 goes first, then column 1
+    st = stats_of(x)
+    assert obs_keep(w, st, 4, 3, 0.0).tolist() == [0, 1, 3]
+    assert obs_keep(w, st, 4, 2, 0.0).tolist() == [0, 3]
+    assert obs_keep(torch.ones(1, 4), {"hessian": st["hessian"]}, 4, 1, 0.0).tolist() == [0]
+
+
+def test_obs_keep_removes_jointly_above_the_step_limit(monkeypatch):
+    torch.manual_seed(2)
+    x = torch.randn(200, 8) @ torch.randn(8, 8)
+    w = torch.randn(3, 8)
+    st = stats_of(x)
+    monkeypatch.setattr(channels, "OBS_MAX_STEPS", 1)  # one joint step: the lowest first costs go together
+    hd = st["hessian"].matrix.double()
+    hinv = torch.linalg.inv(hd + 0.01 * hd.diagonal().mean() * torch.eye(8, dtype=torch.float64))
+    first = w.double().square().sum(0) / hinv.diagonal()
+    assert obs_keep(w, st, 8, 5, 0.01).tolist() == keep_top(first, 5).tolist()

@@ -1,5 +1,6 @@
 """Structured pruning: options, width planning by hand, the block-by-block run, the API, the command line."""
 
+import copy
 import json
 
 import pytest
@@ -10,9 +11,10 @@ from typer.testing import CliRunner
 import llmprune
 from llmprune import UsageError, surgery
 from llmprune.cli import app
-from llmprune.methods.channels import keep_top, wanda_sp
+from llmprune.methods.channels import keep_top, obs_keep, wanda_sp
+from llmprune.methods.update import lsq_columns
 from llmprune.models import find_decoder
-from llmprune.stats import InputNorms
+from llmprune.stats import Hessian, InputNorms
 from llmprune.structured import Structured, Widths, parse_widths, plan_widths, portable_kv_heads
 
 from .conftest import random_tokens, tiny_model
@@ -69,8 +71,8 @@ def test_explicit_widths_and_their_limits():
     (dict(), "needs --remove FRACTION"),
     (dict(remove=0.2, widths={"intermediate_size": 8}), "give one of them"),
     (dict(structures=("mlp", "heads"), widths={"intermediate_size": 8}), "one width per --structure"),
-    (dict(remove=0.2, importance="taylor"), "--importance must be one of wanda-sp, flap, magnitude"),
-    (dict(remove=0.2, restore="retrain"), "--restore must be one of none, lsq, bias"),
+    (dict(remove=0.2, importance="taylor"), "--importance must be one of wanda-sp, flap, magnitude, obs"),
+    (dict(remove=0.2, restore="retrain"), "--restore must be one of none, lsq, lsq-dense, bias"),
 ])
 def test_options_refused_with_one_line(kwargs, msg):
     with pytest.raises(UsageError, match=msg.replace("(", r"\(").replace(")", r"\)")):
@@ -82,6 +84,8 @@ def test_needs_follow_importance_and_restoration():
     assert not Structured(remove=0.2, importance="magnitude").needs_calibration
     assert Structured(remove=0.2, importance="flap", restore="lsq").needs == ("norms", "means", "hessian")
     assert Structured(("blocks",), 0.2).needs == () and Structured(("blocks",), 0.2).needs_calibration
+    assert Structured(remove=0.2, importance="obs", restore="lsq").needs == ("hessian",)
+    assert Structured(remove=0.2, importance="obs").settings()["obs_max_steps"] == 1024
 
 
 def run(model, tokens=None, **kw):
@@ -115,8 +119,12 @@ def test_the_group_and_channels_without_importance_are_removed():
 
 
 def down_proj_inputs(model, tokens):
+    return down_proj_inputs_of(model, tokens, 0)
+
+
+def down_proj_inputs_of(model, tokens, index):
     seen = []
-    hook = find_decoder(model)[1][0].mlp.down_proj.register_forward_pre_hook(lambda m, a: seen.append(a[0]))
+    hook = find_decoder(model)[1][index].mlp.down_proj.register_forward_pre_hook(lambda m, a: seen.append(a[0]))
     with torch.no_grad():
         model(tokens, use_cache=False)
     hook.remove()
@@ -140,6 +148,51 @@ def test_lsq_restoration_equals_a_dampened_lstsq():
     ref = torch.linalg.lstsq(a, b).solution.T
     got = find_decoder(model)[1][0].mlp.down_proj.weight.double()
     assert torch.allclose(got, ref, atol=2e-5)
+
+
+def test_obs_selects_and_lsq_refits_block_zero_from_its_inputs():
+    model = tiny_model("llama", layers=1)
+    tokens = random_tokens(4, 24)
+    x = down_proj_inputs(model, tokens)
+    w0 = find_decoder(model)[1][0].mlp.down_proj.weight.detach().clone()
+    h = Hessian(64, CPU)
+    h.add(x)
+    kept = obs_keep(w0, {"hessian": h}, 64, 40, 0.01)
+    res = run(model, tokens, structure="mlp", widths="intermediate_size=40", importance="obs", restore="lsq")
+    got = find_decoder(model)[1][0].mlp.down_proj.weight
+    assert torch.allclose(got, lsq_columns(w0, kept, h.matrix, 0.01), atol=1e-5)
+    assert res.options.settings()["importance"] == "obs"
+    # and the greedy's pick re-fits better than the wanda-sp pick on the same inputs
+    norms = InputNorms(64, CPU)
+    norms.add(x)
+    other = keep_top(wanda_sp(w0, {"norms": norms}), 40)
+    err = lambda k: ((x[:, k] @ lsq_columns(w0, k, h.matrix, 0.01).T - x @ w0.T) ** 2).sum()
+    assert err(kept) < err(other)
+
+
+def test_lsq_dense_fits_each_block_onto_the_unshrunk_models_outputs():
+    original = tiny_model("llama", layers=2)
+    model = copy.deepcopy(original)
+    tokens = random_tokens(4, 24)
+    run(model, tokens, structure="mlp", widths="intermediate_size=40", restore="lsq-dense")
+    blocks, before = find_decoder(model)[1], find_decoder(original)[1]
+    # block 0 sees the same inputs in both streams: the plain lsq fit
+    plain = copy.deepcopy(original)
+    run(plain, tokens, structure="mlp", widths="intermediate_size=40", restore="lsq")
+    assert torch.allclose(blocks[0].mlp.down_proj.weight, find_decoder(plain)[1][0].mlp.down_proj.weight, atol=1e-6)
+    # block 1: the pruned model's inputs (block 0 shrunk, block 1 whole) fitted to the unshrunk model's outputs
+    y = down_proj_inputs_of(original, tokens, 1)
+    half = copy.deepcopy(original)
+    find_decoder(half)[1][0] = copy.deepcopy(blocks[0])
+    x = down_proj_inputs_of(half, tokens, 1)
+    w1 = before[1].mlp.down_proj.weight.detach()
+    norms, h = InputNorms(64, CPU), Hessian(64, CPU)
+    norms.add(x)
+    h.add(x)
+    kept = keep_top(wanda_sp(w1, {"norms": norms}), 40)
+    expected = lsq_columns(w1, kept, h.matrix, 0.01, (2 / x.shape[0]) * x.double().T @ y.double())
+    assert torch.allclose(blocks[1].mlp.down_proj.weight, expected, atol=1e-5)
+    assert not torch.allclose(expected, lsq_columns(w1, kept, h.matrix, 0.01), atol=1e-4)
 
 
 def test_blocks_remove_the_block_that_changes_nothing():

@@ -12,11 +12,11 @@ import math
 from dataclasses import asdict, dataclass, field
 
 from .errors import UsageError
-from .methods.channels import IMPORTANCE
+from .methods.channels import IMPORTANCE, OBS_MAX_STEPS
 from .surgery import Shape
 
 STRUCTURES = ("mlp", "heads", "blocks")
-RESTORES = ("none", "lsq", "bias")
+RESTORES = ("none", "lsq", "lsq-dense", "bias")
 WIDTH_FIELDS = {"intermediate_size": "mlp", "num_key_value_heads": "heads", "num_hidden_layers": "blocks"}
 """``--widths`` keys (the config fields they set) and the structure each one shrinks."""
 
@@ -32,13 +32,16 @@ class Structured:
     widths: dict | None = None
     """Explicit widths instead of ``remove``: intermediate_size, num_key_value_heads, num_hidden_layers."""
     importance: str = "wanda-sp"
-    """Channel score: wanda-sp | flap | magnitude (``methods.channels``); blocks use ShortGPT's."""
+    """Channel score: wanda-sp | flap | magnitude, or the obs selection (``methods.channels``); blocks use
+    ShortGPT's."""
     restore: str = "none"
-    """none | lsq (re-fit down_proj / o_proj on the kept channels) | bias (FLAP's compensation bias)."""
+    """none | lsq (re-fit down_proj / o_proj on the kept channels) | lsq-dense (the same re-fit onto the unshrunk
+    model's outputs of that Linear: asymmetric, the pruned model's inputs against the dense ones) | bias (FLAP's
+    compensation bias)."""
     multiple: int = 32
     """The intermediate size is rounded to a multiple of this."""
     damp: float = 0.01
-    """lsq: dampening, as a fraction of the mean diagonal of the input's X^T X."""
+    """lsq and obs: dampening, as a fraction of the mean diagonal of the input's X^T X."""
 
     def __post_init__(self) -> None:
         if not self.structures:
@@ -70,7 +73,7 @@ class Structured:
     @property
     def needs(self) -> tuple[str, ...]:
         """Statistics of the consuming Linears' inputs (down_proj, o_proj) the run collects."""
-        extra = {"none": (), "lsq": ("hessian",), "bias": ("means",)}[self.restore]
+        extra = {"none": (), "lsq": ("hessian",), "lsq-dense": ("hessian",), "bias": ("means",)}[self.restore]
         widths = [s for s in self.structures if s != "blocks"]
         return tuple(dict.fromkeys((*IMPORTANCE[self.importance].needs, *extra))) if widths else ()
 
@@ -83,7 +86,8 @@ class Structured:
                 "importance": self.importance if set(self.structures) != {"blocks"} else None,
                 "block_importance": "shortgpt" if "blocks" in self.structures else None,
                 "restore": self.restore, "width_multiple": self.multiple,
-                **({"restore_damp": self.damp} if self.restore == "lsq" else {})}
+                **({"restore_damp": self.damp} if self.restore in ("lsq", "lsq-dense") else {}),
+                **({"obs_damp": self.damp, "obs_max_steps": OBS_MAX_STEPS} if self.importance == "obs" else {})}
 
     @classmethod
     def parse(cls, structure: str, remove: float | None = None, widths: str | dict | None = None,

@@ -5,7 +5,9 @@ tokens; the least important go), then widths: the inputs of the first kept block
 block the inputs of its consuming Linears (o_proj, down_proj) are summarised in the statistics the
 importance and the restoration declared, the lowest-scoring KV groups and MLP channels are removed
 (``surgery``), the consuming weight restored, and the pruned block re-run to give the next block's inputs.
-Only one block and the calibration hidden states sit on the device.
+Only one block and the calibration hidden states sit on the device. ``--restore lsq-dense`` also carries the
+unshrunk model's hidden states alongside (a second copy): each block, still whole, runs on both, and the re-fit
+targets what the consuming Linear gave in the unshrunk model rather than on the pruned model's own inputs.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from .activations import ActivationStore
 from .capture import collect_statistics
 from .errors import UsageError
 from .guards import check_finite
-from .methods.channels import IMPORTANCE, compensation_bias, cosine_sum, group_scores, keep_top
+from .methods.channels import IMPORTANCE, compensation_bias, cosine_sum, keep_top
 from .methods.update import lsq_columns
 from .models import find_decoder
 from .runner import _block_output, _calls_of, _run_block, capture_block_inputs
@@ -97,12 +99,20 @@ def _shrink_widths(model, tokens, opts: Structured, widths: Widths, shape, devic
     if needs:
         hidden, calls = capture_block_inputs(model, tokens, batch_size, device, ActivationStore(device))
         check_finite(hidden, "the inputs of block 0", hidden[0].dtype)
+    dense = None
+    if opts.restore == "lsq-dense":
+        dense = ActivationStore(device)
+        for h in hidden:
+            dense.append(h.clone())
     records = []
     for index, block in enumerate(tqdm(blocks, desc=f"structured {opts.importance}", unit="block",
                                        disable=not progress)):
         home = next(block.parameters()).device
         block.to(device)
         stats = _consumer_stats(block, hidden, _calls_of(calls, index), needs) if needs else {}
+        if dense is not None:
+            for name, cross in _paired_pass(block, hidden, dense, _calls_of(calls, index)).items():
+                stats[name]["cross"] = cross
         records.append(shrink_block(block, stats, opts, widths, shape))
         if needs and index < len(blocks) - 1:
             _run_block(block, hidden, _calls_of(calls, index))
@@ -120,6 +130,31 @@ def _consumer_stats(block, hidden, block_calls, needs) -> dict:
     return {name: collector.for_layer(name) for name in layers}
 
 
+def _paired_pass(block, hidden, dense, block_calls) -> dict[str, torch.Tensor]:
+    """Per consuming Linear, the cross moment C = 2/n X^T Y of its inputs in the pruned stream (X) and the
+    unshrunk one (Y), token by token, the block still whole; the unshrunk stream is advanced through it."""
+    attn, mlp = surgery.parts(block)
+    layers = {"o_proj": attn.o_proj, "down_proj": mlp.down_proj}
+    seen: dict[str, torch.Tensor] = {}
+    hooks = [m.register_forward_pre_hook(lambda _m, a, n=n: seen.__setitem__(n, a[0])) for n, m in layers.items()]
+    sums: dict[str, torch.Tensor] = {}
+    tokens = 0
+    try:
+        for i, h in enumerate(hidden):
+            call = block_calls[h.shape[0]]
+            block(h, *call.args, **call.kwargs)
+            pruned_inputs = dict(seen)
+            dense[i] = _block_output(block(dense[i], *call.args, **call.kwargs))
+            for name, x in pruned_inputs.items():
+                x, y = x.reshape(-1, x.shape[-1]).float(), seen[name].reshape(-1, x.shape[-1]).float()
+                sums[name] = sums.get(name, 0) + (x.T @ y).double()
+            tokens += h.shape[0] * h.shape[1]
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return {name: (c * (2.0 / max(tokens, 1))).float() for name, c in sums.items()}
+
+
 def shrink_block(block, stats: dict, opts: Structured, widths: Widths, shape) -> dict:
     """Remove the lowest-scoring KV groups and MLP channels of one block and restore the consuming weights;
     what was kept."""
@@ -128,14 +163,15 @@ def shrink_block(block, stats: dict, opts: Structured, widths: Widths, shape) ->
     record = {}
     if widths.num_key_value_heads < shape.kv_heads:
         o_stats = stats.get("o_proj", {})
-        scores = group_scores(importance.score(attn.o_proj.weight.data, o_stats), shape.kv_heads, importance.head_power)
-        kept_groups = keep_top(scores, widths.num_key_value_heads)
+        kept_groups = importance.keep(attn.o_proj.weight.data, o_stats, shape.kv_heads, widths.num_key_value_heads,
+                                      opts.damp)
         cols = surgery.group_channels(kept_groups, shape.heads_per_group * shape.head_dim)
         surgery.keep_kv_groups(block, kept_groups, shape, *restored(attn.o_proj, cols, o_stats, opts))
         record["kv_groups_kept"] = kept_groups.tolist()
     if widths.intermediate_size < shape.intermediate:
         d_stats = stats.get("down_proj", {})
-        kept = keep_top(importance.score(mlp.down_proj.weight.data, d_stats), widths.intermediate_size)
+        kept = importance.keep(mlp.down_proj.weight.data, d_stats, shape.intermediate, widths.intermediate_size,
+                               opts.damp)
         surgery.keep_mlp_channels(block, kept, *restored(mlp.down_proj, kept, d_stats, opts))
     return record
 
@@ -144,8 +180,8 @@ def restored(linear, kept: torch.Tensor, stats: dict, opts: Structured):
     """(new weight on the kept columns or None, new bias or None) of a consuming Linear, as ``opts.restore`` says."""
     w = linear.weight.data
     kept = kept.to(w.device)
-    if opts.restore == "lsq":
-        return lsq_columns(w, kept, stats["hessian"].matrix.to(w.device), opts.damp), None
+    if opts.restore in ("lsq", "lsq-dense"):
+        return lsq_columns(w, kept, stats["hessian"].matrix.to(w.device), opts.damp, stats.get("cross")), None
     if opts.restore == "bias":
         bias = compensation_bias(w, stats["means"].mean, kept)
         if linear.bias is not None:

@@ -10,6 +10,13 @@ statistics. These are pure functions: the runner collects the statistics, ``surg
 - ``flap`` (FLAP's WIFV, An et al. 2024): Var(X_j) over calibration tokens times ||W_:j||^2, the
   fluctuation of the channel's contribution; its bias compensation is ``compensation_bias``.
 - ``magnitude``: ||W_:j||_2, no calibration (FLAP's ``prune_magnitude_sp``).
+- ``obs`` (the greedy structured Optimal Brain Surgeon of ZipLM, Kurtic et al. 2023, and SlimGPT, Ling et al.
+  2024): not a fixed score but a selection that knows the re-fit. From the damped Hessian H = X^T X + d I of the
+  consuming Linear's input, removing the channel group G (one MLP channel, or a KV group's columns) and
+  re-fitting the others optimally costs tr(W_:G [H^-1]_GG^-1 W_:G^T), for one column ||W_:j||^2 / [H^-1]_jj.
+  The cheapest group goes, W and H^-1 are downdated as if it were re-fitted, and the costs are computed again.
+  ``obs_keep`` removes one group per step up to ``OBS_MAX_STEPS`` steps; above that (a 7B MLP) the cheapest
+  ceil(removed / OBS_MAX_STEPS) go together in one joint step.
 
 A head's score is the sum of its channels' scores and a KV group's the sum of its query heads'.
 FLAP's code squares its attention channel scores before summing them per head; ``head_power`` = 2
@@ -21,9 +28,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Mapping
 
+import math
+
 import torch
 
 from ..stats import feature_variance
+
+OBS_MAX_STEPS = 1024
+"""``obs``: at most this many downdates of H^-1 per consuming Linear (each one reads and writes all of it)."""
 
 
 def wanda_sp(weight: torch.Tensor, stats: Mapping[str, object]) -> torch.Tensor:
@@ -41,21 +53,90 @@ def magnitude(weight: torch.Tensor, stats: Mapping[str, object]) -> torch.Tensor
     return weight.float().norm(dim=0)
 
 
+def obs_keep(weight: torch.Tensor, stats: Mapping[str, object], groups: int, keep: int,
+             damp: float = 0.01) -> torch.Tensor:
+    """Indices (ascending) of the ``keep`` of ``groups`` equal groups of consecutive input columns that greedy
+    structured OBS keeps: the cheapest group to remove with the others re-fitted goes, then the next."""
+    w = weight.detach().double().clone()
+    h = stats["hessian"].matrix.to(w.device).double()
+    size = h.shape[0] // groups
+    hinv = _damped_inverse(h, damp)
+    alive = torch.ones(groups, dtype=torch.bool, device=w.device)
+    left = groups - keep
+    per_step = max(1, math.ceil(left / OBS_MAX_STEPS))
+    while left > 0:
+        cost = _group_costs(w, hinv, alive, size).masked_fill(~alive, math.inf)
+        chosen = torch.sort(cost, stable=True).indices[:min(per_step, left)]  # ties: the earlier group goes
+        cols = (chosen.unsqueeze(1) * size + torch.arange(size, device=w.device)).reshape(-1)
+        _downdate(w, hinv, cols)
+        alive[chosen] = False
+        left -= chosen.numel()
+    return alive.nonzero().flatten()
+
+
+def _damped_inverse(h: torch.Tensor, damp: float) -> torch.Tensor:
+    """(H + damp * mean(diag H) I)^-1; dead inputs (zero diagonal) get the mean's dampening too."""
+    mean_diag = h.diagonal().mean()
+    scale = float(mean_diag) if torch.isfinite(mean_diag) and mean_diag > 0 else 1.0
+    damped = h + max(damp, 1e-8) * scale * torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    factor, info = torch.linalg.cholesky_ex(damped)
+    return torch.cholesky_inverse(factor) if int(info) == 0 else torch.linalg.pinv(damped, hermitian=True)
+
+
+def _group_costs(w: torch.Tensor, hinv: torch.Tensor, alive: torch.Tensor, size: int) -> torch.Tensor:
+    """Per live group G: tr(W_:G [H^-1]_GG^-1 W_:G^T), the output error of removing G with the rest re-fitted
+    (removed groups' entries are meaningless: the caller masks them)."""
+    groups = alive.numel()
+    if size == 1:
+        return w.square().sum(dim=0) / torch.where(alive, hinv.diagonal(), 1.0)
+    blocks = hinv.reshape(groups, size, groups, size).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
+    eye = torch.eye(size, dtype=hinv.dtype, device=hinv.device)
+    wg = w.T.reshape(groups, size, -1)
+    solved = torch.linalg.solve(torch.where(alive[:, None, None], blocks, eye), wg)
+    return (wg * solved).sum(dim=(1, 2))
+
+
+def _downdate(w: torch.Tensor, hinv: torch.Tensor, cols: torch.Tensor) -> None:
+    """In place: the columns ``cols`` of W removed and the others re-fitted (W -= W_:C [H^-1]_CC^-1 [H^-1]_C:),
+    and H^-1 made the inverse of the Hessian of the columns left (the same downdate)."""
+    block = hinv[cols][:, cols]
+    rows = torch.linalg.solve(block, hinv[cols])
+    w -= w[:, cols] @ rows
+    hinv -= hinv[:, cols] @ rows
+    w[:, cols] = 0
+    hinv[cols] = 0
+    hinv[:, cols] = 0
+
+
 @dataclass(frozen=True)
 class Importance:
-    """A channel score, the statistics it needs of the consuming Linear's input, how heads add it up."""
+    """A channel score, the statistics it needs of the consuming Linear's input, how heads add it up; or, where
+    ``select`` is given, a selection of whole groups that replaces the score."""
 
     name: str
-    score: Callable[[torch.Tensor, Mapping[str, object]], torch.Tensor]
+    score: Callable[[torch.Tensor, Mapping[str, object]], torch.Tensor] | None
     needs: tuple[str, ...]
     head_power: float = 1.0
     """Channel scores are raised to this power before they are summed per head (FLAP's code: 2)."""
+    select: Callable[..., torch.Tensor] | None = None
+    """(weight, stats, groups, keep, damp) -> kept group indices, ascending."""
+
+    def keep(self, weight: torch.Tensor, stats: Mapping[str, object], groups: int, keep: int,
+             damp: float) -> torch.Tensor:
+        """Indices (ascending) of the ``keep`` of ``groups`` groups of consecutive input columns that stay."""
+        if self.select is not None:
+            return self.select(weight, stats, groups, keep, damp)
+        scores = self.score(weight, stats)
+        if groups != scores.numel():
+            scores = group_scores(scores, groups, self.head_power)
+        return keep_top(scores, keep)
 
 
 IMPORTANCE = {
     "wanda-sp": Importance("wanda-sp", wanda_sp, ("norms",)),
     "flap": Importance("flap", fluctuation, ("norms", "means"), head_power=2.0),
     "magnitude": Importance("magnitude", magnitude, ()),
+    "obs": Importance("obs", None, ("hessian",), select=obs_keep),
 }
 
 

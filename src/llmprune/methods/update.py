@@ -78,29 +78,45 @@ def exact_lsq(weight: torch.Tensor, keep: torch.Tensor, h: torch.Tensor, damp: f
     return out
 
 
-def lsq_columns(weight: torch.Tensor, kept: torch.Tensor, h: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
+def lsq_columns(weight: torch.Tensor, kept: torch.Tensor, h: torch.Tensor, damp: float = 0.01,
+                cross: torch.Tensor | None = None) -> torch.Tensor:
     """The same fit when every row keeps the same input columns ``kept`` (structured pruning): the re-fitted
     weight on those columns only, [rows, len(kept)].
 
     With one kept set S the rows share one system, (H_SS + d I) W_S^T = H_S: W0^T + d W0_S^T, solved directly
     (Cholesky, float64) instead of by ``lsq_update``'s conjugate gradients; the objective and the fallback of a
     row that comes out worse than its sliced weights are the same.
+
+    ``cross`` (C = X^T Y, scaled as H, with Y the inputs the layer saw in the dense model, token by token) fits the
+    kept columns of the pruned model's inputs X to the dense model's outputs Y W0^T instead of to X W0^T:
+    (H_SS + d I) W_S^T = C_S: W0^T + d W0_S^T. Without it C = H, the fit above.
     """
     w0, hd = weight.double(), h.double()
+    cd = hd if cross is None else cross.to(hd.device).double()
     sliced = w0[:, kept]
     mean_diag = hd.diagonal().mean()
     if not torch.isfinite(mean_diag) or mean_diag <= 0:
         return sliced.to(weight.dtype)
     d = float(damp * mean_diag)
     a = hd[kept][:, kept] + d * torch.eye(len(kept), dtype=torch.float64, device=hd.device)
-    rhs = hd[kept] @ w0.T + d * sliced.T
+    rhs = cd[kept] @ w0.T + d * sliced.T
     factor, info = torch.linalg.cholesky_ex(a)
     fitted = torch.cholesky_solve(rhs, factor).T if int(info) == 0 else torch.linalg.lstsq(a, rhs).solution.T
-    full_fit, full_sliced = torch.zeros_like(w0), torch.zeros_like(w0)
-    full_fit[:, kept], full_sliced[:, kept] = fitted, sliced
-    bad = ~torch.isfinite(fitted).all(dim=1) | (row_errors(full_fit, w0, hd) > row_errors(full_sliced, w0, hd))
+    if cross is None:
+        full_fit, full_sliced = torch.zeros_like(w0), torch.zeros_like(w0)
+        full_fit[:, kept], full_sliced[:, kept] = fitted, sliced
+        worse = row_errors(full_fit, w0, hd) > row_errors(full_sliced, w0, hd)
+    else:
+        worse = _target_errors(fitted, hd[kept][:, kept], rhs.T - d * sliced) > \
+            _target_errors(sliced, hd[kept][:, kept], rhs.T - d * sliced)
+    bad = ~torch.isfinite(fitted).all(dim=1) | worse
     fitted[bad] = sliced[bad]
     return fitted.to(weight.dtype)
+
+
+def _target_errors(v: torch.Tensor, h_ss: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per row, ||X_S v - Y w0||^2 up to the row's constant: v H_SS v^T - 2 v . (C_S: w0), target = W0 C_S:^T."""
+    return ((v @ h_ss) * v).sum(dim=1) - 2 * (v * target).sum(dim=1)
 
 
 @dataclass(frozen=True)
