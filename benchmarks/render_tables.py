@@ -540,6 +540,20 @@ def structured_table(path: Path) -> str:
     return head + "\n".join(lines)
 
 
+def structured_prune_time_table(path: Path) -> str:
+    """benchmarks/structured.py prune: the prune time of each importance + restoration on one model."""
+    r = json.loads(path.read_text())
+    cal, w = r["calibration"], r["rows"][0]["widths"]
+    head = (f"{r['model']} on {r['device']} ({where(r)}), {r['dtype']}; structure {r['structure']}, --remove "
+            f"{r['remove']:g} (intermediate {w['intermediate_size']}, KV heads {w['num_key_value_heads']}, "
+            f"{w['num_hidden_layers']} blocks); calibration {cal['nsamples']} x {cal['seqlen']} {cal['tokens']} tokens; "
+            f"a fresh model per row, prune time as `llmprune.prune_structured` reports it.\n\n")
+    first = r["rows"][0]["prune_s"]
+    lines = ["| importance + restoration | prune (s) | against the first row |", "|---|---:|---:|"]
+    lines += [f"| {x['label']} | {x['prune_s']:.1f} | {x['prune_s'] / first:.2f}x |" for x in r["rows"]]
+    return head + "\n".join(lines)
+
+
 def structured_speed_table(path: Path) -> str:
     """benchmarks/structured.py speed: the saved dense and pruned models in plain transformers, side by side."""
     r = json.loads(path.read_text())
@@ -591,6 +605,7 @@ if __name__ == "__main__":
                      ("structured_smollm2_paper_h200.json", structured_table),
                      ("structured_gemma3_h200.json", structured_table),
                      ("structured_gemma3_paper_h200.json", structured_table),
+                     ("structured_prune_time_7b_h200.json", structured_prune_time_table),
                      ("zero_shot_gemma3.json", zero_shot_table),
                      ("structured_speed_llama2_7b_h200_blocks.json", structured_speed_table),
                      ("structured_speed_smollm2_cpu.json", structured_speed_table),
