@@ -51,3 +51,20 @@ def test_blocks_on_a_shape_calibrate_on_random_tokens(tmp_path):
                         "--nsamples", "2", "--seqlen", "16", "--prefill", "8", "--prompt", "4", "--steps", "1",
                         "--repeats", "1", "--warmup", "0", "--tmp", str(tmp_path), "--out", str(out)])
     assert json.loads(out.read_text())["pruned"]["widths"]["num_hidden_layers"] == 3
+
+
+def test_prune_mode_times_each_row_on_the_same_widths(tmp_path):
+    out = tmp_path / "prune.json"
+    load_script().main(["prune", "--shape", "tiny", "--device", "cpu", "--remove", "0.3", "--nsamples", "4",
+                        "--seqlen", "16", "--only", "flap+lsq", "obs+lsq", "wanda-sp+lsq-dense", "--out", str(out)])
+    result = json.loads(out.read_text())
+    assert [r["label"] for r in result["rows"]] == ["flap+lsq", "obs+lsq", "wanda-sp+lsq-dense"]
+    assert [(r["settings"]["importance"], r["settings"]["restore"]) for r in result["rows"]] == \
+        [("flap", "lsq"), ("obs", "lsq"), ("wanda-sp", "lsq-dense")]
+    assert len({json.dumps(r["widths"]) for r in result["rows"]}) == 1 and all(r["prune_s"] > 0 for r in result["rows"])
+    assert result["calibration"] == {"nsamples": 4, "seqlen": 16, "tokens": "random"}
+    table = importlib.util.spec_from_file_location("render_tables", REPO / "benchmarks" / "render_tables.py")
+    render = importlib.util.module_from_spec(table)
+    table.loader.exec_module(render)
+    text = render.structured_prune_time_table(out)
+    assert "| obs+lsq |" in text and "| flap+lsq |" in text and "1.00x" in text
