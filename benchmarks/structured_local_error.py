@@ -16,6 +16,7 @@ import sys
 import torch
 
 from llmprune import api, data, loading, report, surgery
+from llmprune.capture import collect_statistics
 from llmprune.config import Calibration
 from llmprune.methods.channels import IMPORTANCE
 from llmprune.methods.update import lsq_columns
@@ -28,25 +29,12 @@ CHOICES = ("obs", "flap", "wanda-sp")
 
 def down_proj_stats(model, tokens, blocks: list[int], batch: int) -> dict:
     """Per block index: norms, means and Hessian of down_proj's input over ``tokens`` in this (dense) model."""
-    layers = find_decoder(model)[1]
-    features = layers[0].mlp.down_proj.in_features
-    stats = {i: {k: cls(features, torch.device("cpu")) for k, cls in STATISTICS.items()} for i in blocks}
-
-    def hook(i):
-        def add(_module, args):
-            for acc in stats[i].values():
-                acc.add(args[0].detach())
-        return add
-
-    handles = [layers[i].mlp.down_proj.register_forward_pre_hook(hook(i)) for i in blocks]
-    try:
-        with torch.no_grad():
-            for start in range(0, tokens.shape[0], batch):
-                model(tokens[start:start + batch], use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
-    return stats
+    layers = {str(i): find_decoder(model)[1][i].mlp.down_proj for i in blocks}
+    with collect_statistics(layers, tuple(STATISTICS), stop_early=False) as collector, torch.no_grad():
+        for start in range(0, tokens.shape[0], batch):
+            model(tokens[start:start + batch], use_cache=False)
+            collector.end_call()
+    return {i: collector.for_layer(str(i)) for i in blocks}
 
 
 def relative_error(w: torch.Tensor, kept: torch.Tensor, h: torch.Tensor, damp: float) -> float:

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from . import surgery
 from .activations import ActivationStore
-from .capture import collect_statistics
+from .capture import StatisticsCollector, collect_statistics
 from .errors import UsageError
 from .guards import check_finite
 from .methods.channels import IMPORTANCE, compensation_bias, cosine_sum, keep_top
@@ -109,10 +109,10 @@ def _shrink_widths(model, tokens, opts: Structured, widths: Widths, shape, devic
                                        disable=not progress)):
         home = next(block.parameters()).device
         block.to(device)
-        stats = _consumer_stats(block, hidden, _calls_of(calls, index), needs) if needs else {}
         if dense is not None:
-            for name, cross in _paired_pass(block, hidden, dense, _calls_of(calls, index)).items():
-                stats[name]["cross"] = cross
+            stats = _paired_stats(block, hidden, dense, _calls_of(calls, index), needs)
+        else:
+            stats = _consumer_stats(block, hidden, _calls_of(calls, index), needs) if needs else {}
         records.append(shrink_block(block, stats, opts, widths, shape))
         if needs and index < len(blocks) - 1:
             _run_block(block, hidden, _calls_of(calls, index))
@@ -130,29 +130,44 @@ def _consumer_stats(block, hidden, block_calls, needs) -> dict:
     return {name: collector.for_layer(name) for name in layers}
 
 
-def _paired_pass(block, hidden, dense, block_calls) -> dict[str, torch.Tensor]:
-    """Per consuming Linear, the cross moment C = 2/n X^T Y of its inputs in the pruned stream (X) and the
-    unshrunk one (Y), token by token, the block still whole; the unshrunk stream is advanced through it."""
+def _paired_stats(block, hidden, dense, block_calls, needs) -> dict:
+    """``_consumer_stats`` of the pruned stream (X), plus per consuming Linear the cross moment C = 2/n X^T Y with
+    its inputs in the unshrunk stream (Y), token by token, the block still whole; the unshrunk stream is advanced
+    through it. One pass of each stream: the collector's hooks read the pruned pass only."""
     attn, mlp = surgery.parts(block)
     layers = {"o_proj": attn.o_proj, "down_proj": mlp.down_proj}
+    collector = StatisticsCollector(layers, needs, stop_early=False)
+    collect = {name: collector.hook(name) for name in layers}
     seen: dict[str, torch.Tensor] = {}
-    hooks = [m.register_forward_pre_hook(lambda _m, a, n=n: seen.__setitem__(n, a[0])) for n, m in layers.items()]
+    pruned_pass = [True]
+
+    def hook(name):
+        def pre_hook(module, args):
+            seen[name] = args[0]
+            if pruned_pass[0]:
+                collect[name](module, args)
+        return pre_hook
+
+    hooks = [m.register_forward_pre_hook(hook(n)) for n, m in layers.items()]
     sums: dict[str, torch.Tensor] = {}
     tokens = 0
     try:
         for i, h in enumerate(hidden):
             call = block_calls[h.shape[0]]
+            pruned_pass[0] = True
             block(h, *call.args, **call.kwargs)
-            pruned_inputs = dict(seen)
+            collector.end_call()
+            pruned_inputs, pruned_pass[0] = dict(seen), False
             dense[i] = _block_output(block(dense[i], *call.args, **call.kwargs))
             for name, x in pruned_inputs.items():
                 x, y = x.reshape(-1, x.shape[-1]).float(), seen[name].reshape(-1, x.shape[-1]).float()
                 sums[name] = sums.get(name, 0) + (x.T @ y).double()
             tokens += h.shape[0] * h.shape[1]
     finally:
-        for hook in hooks:
-            hook.remove()
-    return {name: (c * (2.0 / max(tokens, 1))).float() for name, c in sums.items()}
+        for handle in hooks:
+            handle.remove()
+    return {name: {**collector.for_layer(name), "cross": (sums[name] * (2.0 / max(tokens, 1))).float()}
+            for name in layers}
 
 
 def shrink_block(block, stats: dict, opts: Structured, widths: Widths, shape) -> dict:

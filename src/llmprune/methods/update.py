@@ -98,7 +98,8 @@ def lsq_columns(weight: torch.Tensor, kept: torch.Tensor, h: torch.Tensor, damp:
     if not torch.isfinite(mean_diag) or mean_diag <= 0:
         return sliced.to(weight.dtype)
     d = float(damp * mean_diag)
-    a = hd[kept][:, kept] + d * torch.eye(len(kept), dtype=torch.float64, device=hd.device)
+    h_ss = hd[kept][:, kept]
+    a = h_ss + d * torch.eye(len(kept), dtype=torch.float64, device=hd.device)
     rhs = cd[kept] @ w0.T + d * sliced.T
     factor, info = torch.linalg.cholesky_ex(a)
     fitted = torch.cholesky_solve(rhs, factor).T if int(info) == 0 else torch.linalg.lstsq(a, rhs).solution.T
@@ -107,8 +108,8 @@ def lsq_columns(weight: torch.Tensor, kept: torch.Tensor, h: torch.Tensor, damp:
         full_fit[:, kept], full_sliced[:, kept] = fitted, sliced
         worse = row_errors(full_fit, w0, hd) > row_errors(full_sliced, w0, hd)
     else:
-        worse = _target_errors(fitted, hd[kept][:, kept], rhs.T - d * sliced) > \
-            _target_errors(sliced, hd[kept][:, kept], rhs.T - d * sliced)
+        target = (cd[kept] @ w0.T).T
+        worse = _target_errors(fitted, h_ss, target) > _target_errors(sliced, h_ss, target)
     bad = ~torch.isfinite(fitted).all(dim=1) | worse
     fitted[bad] = sliced[bad]
     return fitted.to(weight.dtype)
