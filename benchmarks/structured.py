@@ -57,20 +57,30 @@ REMOVES = (0.2, 0.1, 0.3)
 
 
 def ppl_runs(structure: str):
-    """(label, structure, importance, restore, remove) in priority order: 20% first."""
+    """(label, structure, importance, restore, remove, objective, allocation) in priority order: 20% first; the
+    post-norm objective's rows (labelled ``+post-norm``) and the adaptive widths' (``+adaptive``) after the others."""
     for remove in REMOVES:
         for importance in IMPORTANCES:
             for restore in RESTORES:
-                yield f"{importance}+{restore}", structure, importance, restore, remove
-        yield "shortgpt", "blocks", "magnitude", "none", remove
+                yield f"{importance}+{restore}", structure, importance, restore, remove, "output", "uniform"
+        yield "shortgpt", "blocks", "magnitude", "none", remove, "output", "uniform"
+        for importance, restore in (("flap", "lsq"), ("wanda-sp", "lsq"), ("obs", "lsq"), ("obs", "none")):
+            yield f"{importance}+{restore}+post-norm", structure, importance, restore, remove, "post-norm", "uniform"
+        for importance, restore in (("flap", "lsq"), ("flap", "none"), ("wanda-sp", "lsq"), ("wanda-sp", "none")):
+            for objective in ("output", "post-norm"):
+                suffix = "+post-norm" if objective == "post-norm" else ""
+                yield f"{importance}+{restore}{suffix}+adaptive", structure, importance, restore, remove, objective, \
+                    "adaptive"
 
 
 def ppl_row(args, tok, tokens, calib, wins, device, dtype, run) -> dict:
-    label, structure, importance, restore, remove = run
+    label, structure, importance, restore, remove, objective, allocation = run
     model, _, _ = loading.load_model(args.model, dtype)
     try:
         res = api.prune_structured(model, tok, structure=structure, remove=remove, importance=importance,
-                                   restore=restore, width_multiple=args.width_multiple, calib_tokens=tokens,
+                                   restore=restore, objective=objective, allocation=allocation,
+                                   width_multiple=args.width_multiple,
+                                   calib_tokens=tokens,
                                    calibration=calib, device=device, progress=False)
     except Exception as exc:  # e.g. --restore bias on a config without the flag: recorded, not fatal
         return {"label": label, "structure": structure, "remove": remove, "error": str(exc)}
@@ -79,6 +89,7 @@ def ppl_row(args, tok, tokens, calib, wins, device, dtype, run) -> dict:
     return {"label": label, "structure": structure, "importance": importance, "restore": restore, "remove": remove,
             "perplexity": ppl, "removed_fraction": res.removed_fraction,
             "model_removed_fraction": res.model_removed_fraction, "widths": res.widths.to_dict(),
+            **({"intermediate_sizes": [b["intermediate_size"] for b in res.blocks]} if allocation != "uniform" else {}),
             "params": res.params, "prune_s": res.prune_s, "eval_s": time.perf_counter() - t0,
             "threads": torch.get_num_threads(), "settings": res.options.settings()}
 

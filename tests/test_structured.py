@@ -11,11 +11,12 @@ from typer.testing import CliRunner
 import llmprune
 from llmprune import UsageError, surgery
 from llmprune.cli import app
-from llmprune.methods.channels import keep_top, obs_keep, wanda_sp
+from llmprune.methods.channels import fluctuation, keep_top, obs_keep, wanda_sp
 from llmprune.methods.update import lsq_columns
 from llmprune.models import find_decoder
-from llmprune.stats import Hessian, InputNorms
-from llmprune.structured import Structured, Widths, parse_widths, plan_widths, portable_kv_heads
+from llmprune.stats import Hessian, InputMeans, InputNorms
+from llmprune.structured import (Structured, Widths, _round_counts, adaptive_widths, parse_widths, plan_widths,
+                                 portable_kv_heads)
 
 from .conftest import random_tokens, tiny_model
 
@@ -195,6 +196,90 @@ def test_lsq_dense_fits_each_block_onto_the_unshrunk_models_outputs():
     assert not torch.allclose(expected, lsq_columns(w1, kept, h.matrix, 0.01), atol=1e-4)
 
 
+def test_post_norm_objective_weights_each_token_by_its_outputs_rms():
+    original = tiny_model("gemma3", layers=1)
+    block0 = find_decoder(original)[1][0]
+    with torch.no_grad():  # Gemma 3's norm multiplies by 1 + weight: a gain that differs from feature to feature
+        block0.post_feedforward_layernorm.weight.copy_(torch.linspace(-0.9, 3.0, 32))
+    tokens = random_tokens(4, 24)
+    model = copy.deepcopy(original)
+    run(model, tokens, structure="mlp", widths="intermediate_size=40", importance="flap", restore="lsq",
+        objective="post-norm")
+    x = down_proj_inputs(original, tokens).double()
+    w0 = block0.mlp.down_proj.weight.detach().double()
+    # by hand: token t weighs 1 / (mean_d y_td^2 + eps), y_t = down_proj(x_t), what the norm divides by
+    w = 1 / ((x @ w0.T).pow(2).mean(dim=1, keepdim=True) + block0.post_feedforward_layernorm.eps)
+    mean = (w * x).sum(0) / w.sum()
+    var = (w * x * x).sum(0) / w.sum() - mean ** 2
+    gain = 1 + torch.linspace(-0.9, 3.0, 32, dtype=torch.float64)
+    kept = keep_top(var * (gain[:, None] * w0).pow(2).sum(0), 40)
+    h = 2 * (w * x).T @ x / w.sum()
+    got = find_decoder(model)[1][0].mlp.down_proj.weight
+    assert torch.allclose(got, lsq_columns(w0.float(), kept, h.float(), 0.01), atol=1e-5)
+    unweighted = keep_top(x.var(0, correction=0) * w0.pow(2).sum(0), 40)
+    assert not torch.equal(kept, unweighted)  # the case tells the weighted selection from the plain one
+
+
+@pytest.mark.parametrize("arch,kwargs,msg", [
+    ("llama", dict(restore="lsq"), "--objective post-norm: LlamaDecoderLayer adds o_proj's and down_proj's outputs"),
+    ("gemma3", dict(restore="lsq-dense"), "not --restore lsq-dense"),
+    ("gemma3", dict(importance="flap", restore="bias"), "not --restore bias"),
+    ("gemma3", dict(importance="magnitude", restore="none"), "--importance magnitude with --restore none reads none"),
+    ("gemma3", dict(restore="lsq", objective="after"), "--objective must be one of output, post-norm"),
+])
+def test_post_norm_objective_refused_where_it_means_nothing(arch, kwargs, msg):
+    kwargs = {"objective": "post-norm", **kwargs}
+    with pytest.raises(UsageError, match=msg):
+        run(tiny_model(arch, layers=1), random_tokens(4, 16), structure="mlp", remove=0.3, **kwargs)
+
+
+def test_adaptive_widths_by_hand():
+    a = torch.tensor([0.0, 0, 0, 0, 0, 0, 10, 10])  # z: zeros -0.540, tens 1.620
+    b = torch.arange(8.0)  # z = (i - 3.5) / 2.449
+    # top 8 of the z-scores: a's tens, b's 7..3, then the first of a's zeros (-0.540 above b's 2 at -0.612)
+    assert adaptive_widths([a, b], 8, 1) == [3, 5]
+    assert adaptive_widths([a, b], 8, 2) == [4, 4]  # 3 and 5 floored to 2 and 4; the block furthest below grows
+    assert adaptive_widths([b, b * 100 + 7], 8, 1) == [4, 4]  # standardised: the scale of a block's scores is moot
+
+
+def test_round_counts_keep_bounds_and_total():
+    assert _round_counts([70, 10, 40], [128, 128, 128], 96, 32) == [32, 32, 32]  # at least one multiple each
+    assert _round_counts([128, 100, 20], [128, 128, 128], 256, 32) == [128, 96, 32]
+    assert _round_counts([60, 60], [60, 60], 120, 32) == [60, 60]  # a full block stays full, off the multiple
+
+
+def test_adaptive_allocation_gives_a_dead_block_fewer_channels_and_loads_with_llmprune(tmp_path):
+    model = tiny_model("gemma3", layers=4)
+    with torch.no_grad():  # 48 of block 0's 64 channels feed nothing: their scores are 0
+        find_decoder(model)[1][0].mlp.down_proj.weight[:, 16:] = 0.0
+    tokens = random_tokens(4, 24)
+    res = run(model, tokens, structure="mlp", remove=0.3, importance="flap", restore="lsq", allocation="adaptive",
+              width_multiple=8)
+    sizes = [b["intermediate_size"] for b in res.blocks]
+    assert sizes == [16, 32, 32, 48] and sum(sizes) == 4 * res.widths.intermediate_size
+    assert [b.mlp.down_proj.in_features for b in find_decoder(model)[1]] == sizes
+    assert res.params["decoder_after"] == surgery.decoder_params(model)
+    assert model.config.llmprune_intermediate_sizes == sizes and model.config.intermediate_size == 48
+    assert res.options.settings()["allocation"] == "adaptive"
+    model.save_pretrained(tmp_path)
+    loaded = llmprune.load(tmp_path, verify=False)
+    with torch.no_grad():
+        assert torch.allclose(loaded(tokens).logits, model(tokens).logits, atol=1e-5)
+    with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):  # plain transformers refuses it, loudly
+        AutoModelForCausalLM.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("kwargs,msg", [
+    (dict(structure="heads", remove=0.3), "add mlp to --structure"),
+    (dict(importance="obs"), "--importance obs gives none"),
+    (dict(allocation="global"), "--allocation must be one of uniform, adaptive"),
+])
+def test_adaptive_allocation_refused_where_it_cannot_apply(kwargs, msg):
+    kwargs = {"structure": "mlp", "remove": 0.3, "allocation": "adaptive", **kwargs}
+    with pytest.raises(UsageError, match=msg):
+        run(tiny_model("llama", layers=1), random_tokens(4, 16), **kwargs)
+
+
 def test_blocks_remove_the_block_that_changes_nothing():
     model = tiny_model("llama", layers=3)
     with torch.no_grad():  # block 1 adds zero to the residual stream: cos(input, output) = 1
@@ -267,8 +352,38 @@ def test_cli_structured_end_to_end(tiny_folder, tmp_path, ddir):
     assert again == pytest.approx(report["perplexity"]["wikitext2"]["pruned"], rel=1e-5)
 
 
+def test_cli_adaptive_widths_save_and_evaluate_again(tokenizer, tmp_path, ddir):
+    folder, out, rep = tmp_path / "tiny", tmp_path / "small", tmp_path / "run.json"
+    model = tiny_model("llama", layers=3)
+    with torch.no_grad():  # block 0's channels 16.. feed nothing: it gets fewer than the others
+        find_decoder(model)[1][0].mlp.down_proj.weight[:, 16:] = 0.0
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    res = invoke("prune", "--model", folder, "--structure", "mlp", "--remove", 0.3, "--width-multiple", 8,
+                 "--importance", "wanda-sp", "--allocation", "adaptive", "--restore", "lsq", "--nsamples", 4,
+                 "--seqlen", 32, "--eval", "wikitext2", "--max-eval-windows", 2, "--out", out, "--report", rep,
+                 "--data-dir", ddir, "--no-progress", "--device", "cpu", "--dtype", "float32")
+    assert res.exit_code == 0, res.output
+    report = json.loads(rep.read_text())
+    sizes = [b["intermediate_size"] for b in report["structured"]["blocks"]]
+    assert sizes[0] < sizes[1] and sum(sizes) == 3 * report["structured"]["widths"]["intermediate_size"]
+    assert json.loads((out / "config.json").read_text())["llmprune_intermediate_sizes"] == sizes
+    assert report["structured"]["settings"]["allocation"] == "adaptive"
+    model = llmprune.load(out)
+    assert [b.mlp.down_proj.in_features for b in find_decoder(model)[1]] == sizes
+    assert report["weights_sha256"] == llmprune.integrity.state_sha256(model)
+    res = invoke("eval", "--model", out, "--eval", "wikitext2", "--max-eval-windows", 2, "--data-dir", ddir,
+                 "--no-progress", "--device", "cpu", "--dtype", "float32", "--report", tmp_path / "eval.json")
+    assert res.exit_code == 0, res.output
+    again = json.loads((tmp_path / "eval.json").read_text())["perplexity"]["wikitext2"]["perplexity"]
+    assert again == pytest.approx(report["perplexity"]["wikitext2"]["pruned"], rel=1e-5)
+
+
 @pytest.mark.parametrize("args,msg", [
     (["--structure", "mlp,rows", "--remove", "0.2"], "--structure: unknown structure 'rows'"),
+    (["--allocation", "adaptive"], "--allocation set structured pruning: add --structure"),
+    (["--structure", "mlp", "--remove", "0.2", "--objective", "post-norm", "--restore", "bias"],
+     "not --restore bias"),
     (["--structure", "mlp", "--remove", "1.5"], "--remove is the fraction"),
     (["--structure", "mlp", "--remove", "0.2", "--pattern", "2:4"], "--pattern 2:4 is for sparse masks"),
     (["--structure", "mlp", "--remove", "0.2", "--update", "lsq"], "restoration is --restore"),

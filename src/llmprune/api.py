@@ -166,7 +166,7 @@ def prune(
 def prune_structured(
     model, tokenizer=None, *, structure: Structured | str = "mlp,heads", remove: float | None = None,
     widths: dict | str | None = None, importance: str = "wanda-sp", restore: str = "none", width_multiple: int = 32,
-    calibration: Calibration | None = None, calib_tokens: torch.Tensor | None = None,
+    objective: str = "output", allocation: str = "uniform", calibration: Calibration | None = None, calib_tokens: torch.Tensor | None = None,
     device: str | torch.device = "auto", batch_size: int = 8, data_dir: str | Path | None = None,
     progress: bool = True,
 ) -> StructuredResult:
@@ -175,14 +175,15 @@ def prune_structured(
     ``structure``: a ``Structured`` or a comma list of mlp, heads, blocks; ``remove``: the fraction of the
     decoder blocks' parameters to remove, or ``widths`` ({"intermediate_size": 1216, ...} or
     "intermediate_size=1216,...") instead. ``importance``: wanda-sp | flap | magnitude; ``restore``: none | lsq |
-    bias. Widths are the same in every block, so ``model.save_pretrained`` gives a folder that plain
+    bias; ``objective``: output | post-norm (what the importance and lsq measure); ``allocation``: uniform |
+    adaptive (per-block MLP widths, FLAP's search; such a folder loads with ``llmprune.load``). Uniform widths are the same in every block, so ``model.save_pretrained`` gives a folder that plain
     ``from_pretrained`` loads. A separate call from ``prune``: the model changes shape instead of holding
     zeros, and none of ``prune``'s pattern options apply.
     """
     from .structured_runner import prune_structured_blocks
 
     opts = structure if isinstance(structure, Structured) else Structured.parse(
-        structure, remove, widths, importance, restore, width_multiple)
+        structure, remove, widths, importance, restore, width_multiple, objective, allocation)
     device = device if isinstance(device, torch.device) else resolve_device(device)
     if batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {batch_size}")

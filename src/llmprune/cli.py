@@ -36,6 +36,8 @@ RemoveOpt = typer.Option(None, "--remove", help="--structure: fraction in (0, 1)
 WidthsOpt = typer.Option(None, "--widths", help="--structure: explicit widths instead of --remove, e.g. intermediate_size=1216,num_key_value_heads=2,num_hidden_layers=26.")
 ImportanceOpt = typer.Option("wanda-sp", "--importance", help="--structure: channel score: wanda-sp | flap | magnitude, or obs (greedy structured OBS on the consuming layer's Hessian).")
 RestoreOpt = typer.Option("none", "--restore", help="--structure: none | lsq (re-fit down_proj/o_proj on the kept channels) | lsq-dense (the same re-fit onto the unshrunk model's outputs) | bias (FLAP's compensation bias; Llama, and heads of Gemma 3 / Qwen3).")
+ObjectiveOpt = typer.Option("output", "--objective", help="--structure: what --restore lsq and --importance obs minimise: output (the consuming layer's output error) | post-norm (the error after the norm Gemma 2/3 and OLMo 2 blocks put on that output, each token weighted by 1/its output's mean square).")
+AllocationOpt = typer.Option("uniform", "--allocation", help="--structure: MLP widths: uniform (the same in every block; a standard config, the default) | adaptive (FLAP's adaptive search: channel scores standardised per block and ranked over all blocks; the saved folder loads with llmprune.load or llmprune eval, not plain from_pretrained).")
 WidthMultipleOpt = typer.Option(32, "--width-multiple", help="--structure: the intermediate size is rounded to a multiple of this.")
 OwlMOpt = typer.Option(5.0, "--owl-m", help="OWL: a score is an outlier above M x its block's mean score.")
 OwlLambdaOpt = typer.Option(0.08, "--owl-lambda", help="OWL: the spread of block sparsities around --sparsity (paper: a band 2 x lambda wide; llmprune: within +- lambda).")
@@ -104,7 +106,9 @@ def _print_outcome(outcome) -> None:
 def _say_structured(say, report: dict) -> None:
     st = report["structured"]
     w, p = st["widths"], st["params"]
-    say(f"widths: intermediate_size {st['widths_before']['intermediate_size']} -> {w['intermediate_size']}, "
+    sizes = sorted({b["intermediate_size"] for b in st.get("blocks", [])})
+    mlp = f"{sizes[0]}..{sizes[-1]} (per block; load with llmprune.load)" if len(sizes) > 1 else w["intermediate_size"]
+    say(f"widths: intermediate_size {st['widths_before']['intermediate_size']} -> {mlp}, "
         f"num_key_value_heads {st['widths_before']['num_key_value_heads']} -> {w['num_key_value_heads']}, "
         f"num_hidden_layers {st['widths_before']['num_hidden_layers']} -> {w['num_hidden_layers']}")
     say(f"decoder parameters {p['decoder_before']:,} -> {p['decoder_after']:,} ({100 * st['removed_fraction']:.1f}% "
@@ -161,6 +165,7 @@ def prune(
     dsnot_variant: Optional[str] = DsnotVariantOpt,
     structure: Optional[str] = StructureOpt, remove: Optional[float] = RemoveOpt, widths: Optional[str] = WidthsOpt,
     importance: str = ImportanceOpt, restore: str = RestoreOpt, width_multiple: int = WidthMultipleOpt,
+    objective: str = ObjectiveOpt, allocation: str = AllocationOpt,
     calib: str = typer.Option("c4", "--calib", help="c4 | wikitext2 | path to a .txt or .jsonl (text field) file."),
     nsamples: int = typer.Option(128, "--nsamples", help="Number of calibration windows."),
     seqlen: int = typer.Option(2048, "--seqlen", help="Calibration window length in tokens."),
@@ -203,7 +208,7 @@ def prune(
         limit=limit, eval_batch_size=eval_batch_size, out=out, overwrite=overwrite, format=format, report=report,
         data_dir=data_dir, trust_remote_code=trust_remote_code, progress=progress, evaluates=world.is_main,
         structure=structure, remove=remove, widths=widths, importance=importance, restore=restore,
-        width_multiple=width_multiple))
+        width_multiple=width_multiple, objective=objective, allocation=allocation))
 
 
 def _run_prune(device: str, make_job) -> None:

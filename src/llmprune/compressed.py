@@ -340,7 +340,11 @@ def load(folder: str | os.PathLike, dtype: torch.dtype | None = None, check_patt
     if verify:
         verify_output(folder, label="load")
     if not is_compressed(folder):
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype or "auto")
+        from .loading import load_per_layer
+
+        model = load_per_layer(folder, dtype)
+        if model is None:
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype or "auto")
         pattern = _report_pattern(folder)
         if check_pattern and isinstance(pattern, NM):
             # a dense folder does not hold the orders of --permute: those weights are N:M only in theirs

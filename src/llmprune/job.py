@@ -155,7 +155,7 @@ class PruneJob:
                    data_dir: Path | None = None, trust_remote_code: bool = False, progress: bool = True,
                    evaluates: bool = True, structure: str | None = None, remove: float | None = None,
                    widths: str | None = None, importance: str = "wanda-sp", restore: str = "none",
-                   width_multiple: int = 32) -> PruneJob:
+                   width_multiple: int = 32, objective: str = "output", allocation: str = "uniform") -> PruneJob:
         """The job of `llmprune prune`'s flags, every string parsed here. ``evaluates``: False on the torchrun ranks
         that only take a share of the calibration (rank 0 evaluates)."""
         method_obj = get_method(method, permute=permute, update=update,
@@ -173,23 +173,26 @@ class PruneJob:
         run = RunSettings(dev, devices.resolve_dtype(dtype, dev), batch_size, activations, weights, stream_from_disk,
                           progress)
         save = SaveConfig(out, overwrite, format, report)
-        structured = _structured_of(structure, remove, widths, importance, restore, width_multiple)
+        structured = _structured_of(structure, remove, widths, importance, restore, width_multiple, objective,
+                                    allocation)
         return cls(model, method_obj, pattern_obj, layerwise_obj, calibration, calib_tokens, run, settings, zs, save,
                    data_dir, trust_remote_code, structured)
 
 
 def _structured_of(structure: str | None, remove: float | None, widths: str | None, importance: str, restore: str,
-                   multiple: int) -> Structured | None:
+                   multiple: int, objective: str = "output", allocation: str = "uniform") -> Structured | None:
     """``--structure`` with its options; the options alone are refused."""
     if structure is None or not structure.strip():
         given = [flag for flag, value, default in (("--remove", remove, None), ("--widths", widths, None),
                                                    ("--importance", importance, "wanda-sp"),
-                                                   ("--restore", restore, "none"), ("--width-multiple", multiple, 32))
+                                                   ("--restore", restore, "none"), ("--width-multiple", multiple, 32),
+                                                   ("--objective", objective, "output"),
+                                                   ("--allocation", allocation, "uniform"))
                  if value != default]
         if given:
             raise UsageError(f"{', '.join(given)} set structured pruning: add --structure (e.g. --structure mlp,heads)")
         return None
-    return Structured.parse(structure, remove, widths, importance, restore, multiple)
+    return Structured.parse(structure, remove, widths, importance, restore, multiple, objective, allocation)
 
 
 def _refine_of(refine: str, cycles: int | None, threshold: float | None, variant: str | None) -> DSnoT | None:

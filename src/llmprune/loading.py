@@ -220,6 +220,41 @@ def prefetch(spec: str) -> int:
     return total
 
 
+def load_per_layer(folder: str | Path, dtype: torch.dtype | None = None):
+    """A folder saved with per-block MLP widths (``--allocation adaptive``): built on empty weights from its config,
+    each block's MLP resized to its width, then filled from the folder's safetensors files; None for any other
+    folder (plain ``from_pretrained`` reads those)."""
+    from accelerate import init_empty_weights
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from . import surgery
+
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        return None
+    config = AutoConfig.from_pretrained(folder)
+    sizes = surgery.per_layer_sizes(config)
+    if sizes is None:
+        return None
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config)
+        surgery.resize_mlps(model, sizes)
+    state = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        state.update(load_file(file))
+    if dtype is not None:
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    tied = {k for k in model.state_dict() if k not in state and getattr(config, "tie_word_embeddings", False)
+            and k.endswith("lm_head.weight")}
+    missing = set(model.state_dict()) - set(state) - tied
+    if missing:
+        raise UsageError(f"{folder} lacks {len(missing)} tensors of this model, e.g. {sorted(missing)[0]}")
+    model.load_state_dict(state, strict=not tied, assign=True)
+    model.tie_weights()
+    return model.eval()
+
+
 def load_model(spec: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False,
                progress: bool = True):
     """(model in eval mode on CPU, tokenizer, where it came from)."""
@@ -241,6 +276,8 @@ def load_model(spec: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, tr
     try:
         if compressed.is_compressed(folder):
             model = compressed.load(folder, dtype=dtype, verify=False)  # resolve_source verified it
+        elif kind == "folder" and (per_layer := load_per_layer(folder, dtype)) is not None:
+            model = per_layer
         else:
             model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, trust_remote_code=trust_remote_code)
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)

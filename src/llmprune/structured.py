@@ -17,6 +17,8 @@ from .surgery import Shape
 
 STRUCTURES = ("mlp", "heads", "blocks")
 RESTORES = ("none", "lsq", "lsq-dense", "bias")
+OBJECTIVES = ("output", "post-norm")
+ALLOCATIONS = ("uniform", "adaptive")
 WIDTH_FIELDS = {"intermediate_size": "mlp", "num_key_value_heads": "heads", "num_hidden_layers": "blocks"}
 """``--widths`` keys (the config fields they set) and the structure each one shrinks."""
 
@@ -42,6 +44,16 @@ class Structured:
     """The intermediate size is rounded to a multiple of this."""
     damp: float = 0.01
     """lsq and obs: dampening, as a fraction of the mean diagonal of the input's X^T X."""
+    objective: str = "output"
+    """What the importance and the re-fit measure: the consuming Linear's output error (output), or, where the block
+    normalises that output before the residual add (post-norm: Gemma 2 / 3, OLMo 2), the error after the norm to
+    first order: the statistics over tokens weighted by 1 / (mean y_t^2 + eps), y_t the Linear's output, and the
+    selection's weight rows scaled by the norm's gain."""
+    allocation: str = "uniform"
+    """MLP widths: uniform (the same in every block; a standard config) or adaptive (FLAP's adaptive structure
+    search: each block's channel scores on the unpruned model, standardised within the block, ranked over all
+    blocks; the same channels in all are kept, each block's count rounded to ``multiple``; the saved folder needs
+    ``llmprune.load``). Heads stay uniform."""
 
     def __post_init__(self) -> None:
         if not self.structures:
@@ -53,9 +65,27 @@ class Structured:
             raise UsageError(f"--importance must be one of {', '.join(IMPORTANCE)}, got {self.importance!r}")
         if self.restore not in RESTORES:
             raise UsageError(f"--restore must be one of {', '.join(RESTORES)}, got {self.restore!r}")
+        if self.objective not in OBJECTIVES:
+            raise UsageError(f"--objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
+        if self.objective == "post-norm" and self.restore in ("lsq-dense", "bias"):
+            raise UsageError(f"--objective post-norm weights the statistics of --restore lsq and of the importance, "
+                             f"not --restore {self.restore}; use --restore lsq or none, or drop --objective")
+        if self.objective == "post-norm" and self.importance == "magnitude" and self.restore == "none":
+            raise UsageError("--objective post-norm weights calibration statistics, and --importance magnitude with "
+                             "--restore none reads none; choose another importance or --restore lsq")
+        self._check_allocation()
         if not isinstance(self.multiple, int) or self.multiple < 1:
             raise UsageError(f"--width-multiple must be a positive integer, got {self.multiple!r}")
         self._check_amount()
+
+    def _check_allocation(self) -> None:
+        if self.allocation not in ALLOCATIONS:
+            raise UsageError(f"--allocation must be one of {', '.join(ALLOCATIONS)}, got {self.allocation!r}")
+        if self.allocation == "adaptive" and "mlp" not in self.structures:
+            raise UsageError("--allocation adaptive shares the MLP channels out over the blocks; add mlp to --structure")
+        if self.allocation == "adaptive" and IMPORTANCE[self.importance].score is None:
+            raise UsageError(f"--allocation adaptive ranks channel scores over all blocks, and --importance "
+                             f"{self.importance} gives none; use wanda-sp, flap or magnitude")
 
     def _check_amount(self) -> None:
         if self.remove is None and self.widths is None:
@@ -87,15 +117,19 @@ class Structured:
                 "block_importance": "shortgpt" if "blocks" in self.structures else None,
                 "restore": self.restore, "width_multiple": self.multiple,
                 **({"restore_damp": self.damp} if self.restore in ("lsq", "lsq-dense") else {}),
+                **({"objective": self.objective} if self.objective != "output" else {}),
+                "allocation": self.allocation if "mlp" in self.structures else None,
                 **({"obs_damp": self.damp, "obs_max_steps": OBS_MAX_STEPS} if self.importance == "obs" else {})}
 
     @classmethod
     def parse(cls, structure: str, remove: float | None = None, widths: str | dict | None = None,
-              importance: str = "wanda-sp", restore: str = "none", multiple: int = 32) -> Structured:
+              importance: str = "wanda-sp", restore: str = "none", multiple: int = 32,
+              objective: str = "output", allocation: str = "uniform") -> Structured:
         """From the command line's strings: ``structure`` "mlp,heads", ``widths`` "intermediate_size=1216,..."."""
         names = tuple(dict.fromkeys(s.strip().lower() for s in structure.split(",") if s.strip()))
         parsed = parse_widths(widths) if isinstance(widths, str) else widths
-        return cls(names, remove, parsed, importance.lower(), restore.lower(), multiple)
+        return cls(names, remove, parsed, importance.lower(), restore.lower(), multiple, objective=objective.lower(),
+                   allocation=allocation.lower())
 
 
 def parse_widths(text: str | None) -> dict | None:
@@ -150,6 +184,41 @@ def plan_widths(shape: Shape, opts: Structured) -> Widths:
         channels = (per_block - (shape.kv_heads - kv) * shape.group_params) / shape.channel_params
         intermediate = _round_width(shape.intermediate - channels, opts.multiple, shape.intermediate)
     return Widths(intermediate, kv, layers)
+
+
+def adaptive_widths(scores: list, keep: int, multiple: int) -> list[int]:
+    """Per block, how many of its channels stay when ``keep`` of all blocks' channels stay, chosen by channel
+    scores standardised within each block (z = (s - mean) / std) and ranked over all blocks (FLAP's adaptive
+    structure); each count then rounded to ``multiple`` (largest remainders first, the total kept), at least one
+    multiple and at most the block's width."""
+    import torch
+
+    z = [(s.double() - s.double().mean()) / s.double().std().clamp_min(1e-30) for s in scores]
+    flat = torch.cat(z)
+    chosen = torch.zeros(flat.numel(), dtype=torch.bool)
+    chosen[torch.sort(-flat, stable=True).indices[:keep]] = True
+    raw = [int(part.sum()) for part in chosen.split([len(s) for s in scores])]
+    return _round_counts(raw, [len(s) for s in scores], keep, multiple)
+
+
+def _round_counts(raw: list[int], full: list[int], total: int, multiple: int) -> list[int]:
+    """``raw`` counts moved to multiples of ``multiple`` (within [multiple, full]) whose sum is ``total`` where the
+    bounds allow: the counts furthest below their raw value grow first, those furthest above shrink first."""
+    low = [min(multiple, f) for f in full]
+    counts = [min(f, max(lo, multiple * int(r // multiple))) for r, f, lo in zip(raw, full, low)]
+    while sum(counts) < total:
+        room = [i for i, (c, f) in enumerate(zip(counts, full)) if c < f]
+        if not room:
+            break
+        i = max(room, key=lambda i: (raw[i] - counts[i], -i))
+        counts[i] = min(full[i], counts[i] + multiple)
+    while sum(counts) > total:
+        room = [i for i, (c, lo) in enumerate(zip(counts, low)) if c > lo]
+        if not room:
+            break
+        i = max(room, key=lambda i: (counts[i] - raw[i], i))
+        counts[i] = max(low[i], counts[i] - multiple)
+    return counts
 
 
 def portable_kv_heads(shape: Shape) -> list[int]:

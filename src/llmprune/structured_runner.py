@@ -13,6 +13,7 @@ targets what the consuming Linear gave in the unshrunk model rather than on the 
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 import torch
 from tqdm.auto import tqdm
@@ -20,13 +21,14 @@ from tqdm.auto import tqdm
 from . import surgery
 from .activations import ActivationStore
 from .capture import StatisticsCollector, collect_statistics
+from .stats import STATISTICS
 from .errors import UsageError
 from .guards import check_finite
 from .methods.channels import IMPORTANCE, compensation_bias, cosine_sum, keep_top
 from .methods.update import lsq_columns
 from .models import find_decoder
 from .runner import _block_output, _calls_of, _run_block, capture_block_inputs
-from .structured import Structured, StructuredResult, Widths, plan_widths
+from .structured import Structured, StructuredResult, Widths, adaptive_widths, plan_widths
 
 
 @torch.no_grad()
@@ -37,6 +39,7 @@ def prune_structured_blocks(model, tokens: torch.Tensor | None, opts: Structured
     shape = surgery.shape_of(model)
     widths = plan_widths(shape, opts)
     _check_biases(model, opts, widths, shape)
+    _check_objective(model, opts)
     before = {"decoder_before": surgery.decoder_params(model), "model_before": surgery.model_params(model)}
     start = time.perf_counter()
     kept, importance = list(range(shape.layers)), None
@@ -45,12 +48,16 @@ def prune_structured_blocks(model, tokens: torch.Tensor | None, opts: Structured
         kept = keep_top(torch.tensor(importance), widths.num_hidden_layers).tolist()
         surgery.drop_blocks(model, kept)
     shrinks = widths.intermediate_size < shape.intermediate or widths.num_key_value_heads < shape.kv_heads
-    records = _shrink_widths(model, tokens, opts, widths, shape, device, batch_size, progress) if shrinks else []
+    sizes = [widths.intermediate_size] * len(kept)
+    if shrinks and opts.allocation == "adaptive" and widths.intermediate_size < shape.intermediate:
+        sizes = adaptive_sizes(model, tokens, opts, widths, device, batch_size, progress)
+    records = _shrink_widths(model, tokens, opts, widths, sizes, shape, device, batch_size, progress) \
+        if shrinks else []
     biased = tuple(part for part, shrunk in (("heads", widths.num_key_value_heads < shape.kv_heads),
                                              ("mlp", widths.intermediate_size < shape.intermediate))
                    if shrunk and opts.restore == "bias")
-    surgery.write_config(model, widths.intermediate_size, widths.num_key_value_heads, shape, biased)
-    blocks = [{"block": i, "source_block": src, "intermediate_size": widths.intermediate_size,
+    surgery.write_config(model, sizes, widths.num_key_value_heads, shape, biased)
+    blocks = [{"block": i, "source_block": src, "intermediate_size": sizes[i],
                "num_key_value_heads": widths.num_key_value_heads, **(records[i] if records else {})}
               for i, src in enumerate(kept)]
     params = {**before, "decoder_after": surgery.decoder_params(model), "model_after": surgery.model_params(model)}
@@ -67,6 +74,28 @@ def _check_biases(model, opts: Structured, widths: Widths, shape) -> None:
             where = "o_proj" if part == "heads" else "down_proj"
             raise UsageError(f"--restore bias adds a bias to {where}, but {type(model).__name__}'s config has no flag "
                              f"for one, so the saved model would not load as a standard one; use --restore lsq or none")
+
+
+def _check_objective(model, opts: Structured) -> None:
+    """``--objective post-norm`` needs blocks that normalise the consuming Linears' outputs; refused where none do."""
+    if opts.objective != "post-norm":
+        return
+    block = find_decoder(model)[1][0]
+    if not post_norms(block):
+        raise UsageError(f"--objective post-norm: {type(block).__name__} adds o_proj's and down_proj's outputs to the "
+                         "residual stream unnormalised (only Gemma 2 / 3 and OLMo 2 style blocks normalise them); "
+                         "drop --objective")
+
+
+def post_norms(block) -> dict:
+    """The norm each consuming Linear's output goes through before the residual add: {"o_proj": norm, "down_proj":
+    norm} for blocks with a post-feedforward norm (there, post_attention_layernorm normalises the attention's
+    output; in Llama-style blocks it is the MLP's input norm); {} otherwise."""
+    after_mlp = getattr(block, "post_feedforward_layernorm", None)
+    after_attn = getattr(block, "post_attention_layernorm", None)
+    if after_mlp is None or after_attn is None:
+        return {}
+    return {"o_proj": after_attn, "down_proj": after_mlp}
 
 
 def block_importance(model, tokens: torch.Tensor, device: torch.device, batch_size: int,
@@ -90,9 +119,35 @@ def block_importance(model, tokens: torch.Tensor, device: torch.device, batch_si
     return scores
 
 
-def _shrink_widths(model, tokens, opts: Structured, widths: Widths, shape, device, batch_size: int,
-                   progress: bool) -> list[dict]:
-    """Every kept block shrunk to ``widths``, in order, each one's pruned outputs feeding the next."""
+def adaptive_sizes(model, tokens, opts: Structured, widths: Widths, device, batch_size: int,
+                   progress: bool) -> list[int]:
+    """``--allocation adaptive``: per block, its MLP width. One pass of the unpruned blocks scores every block's
+    channels (the importance's score, on the unpruned model's inputs, as FLAP's search does); as many channels in
+    all as the uniform widths keep stay, chosen by ``adaptive_widths``."""
+    importance = IMPORTANCE[opts.importance]
+    blocks = find_decoder(model)[1]
+    scores = []
+    if importance.needs:
+        hidden, calls = capture_block_inputs(model, tokens, batch_size, device, ActivationStore(device))
+    for index, block in enumerate(tqdm(blocks, desc="adaptive widths", unit="block", disable=not progress)):
+        home = next(block.parameters()).device
+        block.to(device)
+        stats = {}
+        if importance.needs:
+            stats = _consumer_stats(block, hidden, _calls_of(calls, index), importance.needs, opts.objective)
+            if index < len(blocks) - 1:
+                _run_block(block, hidden, _calls_of(calls, index))
+        stats = stats.get("down_proj", {})
+        down = surgery.parts(block)[1].down_proj.weight.data
+        scores.append(importance.score(_gained(down, stats), stats).float().cpu())
+        block.to(home)
+    return adaptive_widths(scores, widths.intermediate_size * len(blocks), opts.multiple)
+
+
+def _shrink_widths(model, tokens, opts: Structured, widths: Widths, sizes: list[int], shape, device,
+                   batch_size: int, progress: bool) -> list[dict]:
+    """Every kept block shrunk to ``widths`` (block i's MLP to ``sizes[i]``), in order, each one's pruned outputs
+    feeding the next."""
     blocks = find_decoder(model)[1]
     needs = opts.needs
     hidden, calls = ([], {})
@@ -112,8 +167,8 @@ def _shrink_widths(model, tokens, opts: Structured, widths: Widths, shape, devic
         if dense is not None:
             stats = _paired_stats(block, hidden, dense, _calls_of(calls, index), needs)
         else:
-            stats = _consumer_stats(block, hidden, _calls_of(calls, index), needs) if needs else {}
-        records.append(shrink_block(block, stats, opts, widths, shape))
+            stats = _consumer_stats(block, hidden, _calls_of(calls, index), needs, opts.objective) if needs else {}
+        records.append(shrink_block(block, stats, opts, replace(widths, intermediate_size=sizes[index]), shape))
         if needs and index < len(blocks) - 1:
             _run_block(block, hidden, _calls_of(calls, index))
             check_finite(hidden, f"the output of block {index}", next(block.parameters()).dtype)
@@ -121,13 +176,49 @@ def _shrink_widths(model, tokens, opts: Structured, widths: Widths, shape, devic
     return records
 
 
-def _consumer_stats(block, hidden, block_calls, needs) -> dict:
-    """The declared statistics of the inputs of o_proj and down_proj over every calibration batch."""
+def _consumer_stats(block, hidden, block_calls, needs, objective: str = "output") -> dict:
+    """The declared statistics of the inputs of o_proj and down_proj over every calibration batch; with the
+    post-norm objective, over tokens weighted by 1 / (mean y_t^2 + eps), y the Linear's output, and with the norm's
+    gain as ``row_gain``."""
     attn, mlp = surgery.parts(block)
     layers = {"o_proj": attn.o_proj, "down_proj": mlp.down_proj}
+    if objective == "post-norm":
+        return _post_norm_stats(block, hidden, block_calls, needs, layers)
     with collect_statistics(layers, needs) as collector:
         _run_block(block, hidden, block_calls, collector=collector)
     return {name: collector.for_layer(name) for name in layers}
+
+
+def _post_norm_stats(block, hidden, block_calls, needs, layers) -> dict:
+    """Per consuming Linear, its declared statistics over tokens weighted by 1 / (mean y_t^2 + eps), y its output
+    and eps its post-norm's (to first order, the error after an RMS norm is the error of y over y's RMS), and the
+    norm's per-feature gain g (the norm of a vector of ones, whose RMS is 1) as ``row_gain``."""
+    norms = post_norms(block)
+    device = next(block.parameters()).device
+    stats = {name: {k: STATISTICS[k](layer.in_features, device) for k in needs} for name, layer in layers.items()}
+
+    def hook(name):
+        eps = float(getattr(norms[name], "eps", getattr(norms[name], "variance_epsilon", 1e-6)))
+
+        def forward_hook(module, args, output):
+            weight = torch.reciprocal(output.detach().float().pow(2).mean(dim=-1, keepdim=True) + eps)
+            for acc in stats[name].values():
+                acc.add_weighted(args[0].detach(), weight)
+        return forward_hook
+
+    handles = [layer.register_forward_hook(hook(name)) for name, layer in layers.items()]
+    try:
+        for h in hidden:
+            call = block_calls[h.shape[0]]
+            block(h, *call.args, **call.kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    for name, layer in layers.items():
+        ones = torch.ones(1, layer.out_features, dtype=layer.weight.dtype, device=device)
+        eps = float(getattr(norms[name], "eps", getattr(norms[name], "variance_epsilon", 1e-6)))
+        stats[name]["row_gain"] = (norms[name](ones).float() * (1 + eps) ** 0.5).flatten()
+    return stats
 
 
 def _paired_stats(block, hidden, dense, block_calls, needs) -> dict:
@@ -178,17 +269,24 @@ def shrink_block(block, stats: dict, opts: Structured, widths: Widths, shape) ->
     record = {}
     if widths.num_key_value_heads < shape.kv_heads:
         o_stats = stats.get("o_proj", {})
-        kept_groups = importance.keep(attn.o_proj.weight.data, o_stats, shape.kv_heads, widths.num_key_value_heads,
-                                      opts.damp)
+        kept_groups = importance.keep(_gained(attn.o_proj.weight.data, o_stats), o_stats, shape.kv_heads,
+                                      widths.num_key_value_heads, opts.damp)
         cols = surgery.group_channels(kept_groups, shape.heads_per_group * shape.head_dim)
         surgery.keep_kv_groups(block, kept_groups, shape, *restored(attn.o_proj, cols, o_stats, opts))
         record["kv_groups_kept"] = kept_groups.tolist()
     if widths.intermediate_size < shape.intermediate:
         d_stats = stats.get("down_proj", {})
-        kept = importance.keep(mlp.down_proj.weight.data, d_stats, shape.intermediate, widths.intermediate_size,
-                               opts.damp)
+        kept = importance.keep(_gained(mlp.down_proj.weight.data, d_stats), d_stats, shape.intermediate,
+                               widths.intermediate_size, opts.damp)
         surgery.keep_mlp_channels(block, kept, *restored(mlp.down_proj, kept, d_stats, opts))
     return record
+
+
+def _gained(weight: torch.Tensor, stats: dict) -> torch.Tensor:
+    """The consuming weight as the selection sees it: rows scaled by the post-norm's gain where there is one (the
+    re-fit is row by row, so it takes the weight as it is)."""
+    gain = stats.get("row_gain")
+    return weight if gain is None else weight * gain.to(weight.device, weight.dtype).unsqueeze(1)
 
 
 def restored(linear, kept: torch.Tensor, stats: dict, opts: Structured):

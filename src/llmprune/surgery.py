@@ -180,10 +180,23 @@ def add_part_biases(model, part: str) -> None:
                 setattr(module, name, sliced_linear(linear, bias=zeros))
 
 
-def write_config(model, intermediate: int, kv_heads: int, shape: Shape, biased: tuple[str, ...] = ()) -> None:
+PER_LAYER_FIELD = "llmprune_intermediate_sizes"
+"""Config field of a model whose blocks have different MLP widths (``--allocation adaptive``): one per block.
+``intermediate_size`` then holds the widest, and ``llmprune.load`` builds each block to its own width."""
+
+
+def write_config(model, intermediate: int | list[int], kv_heads: int, shape: Shape,
+                 biased: tuple[str, ...] = ()) -> None:
     """The standard config fields of the new widths (``head_dim`` written out, as the head count no longer gives it);
+    ``intermediate``: one width, or one per block (written to ``PER_LAYER_FIELD`` where they differ);
     ``biased``: the parts whose consuming Linears got a compensation bias."""
     cfg = text_config(model)
+    sizes = [intermediate] if isinstance(intermediate, int) else list(intermediate)
+    if len(set(sizes)) > 1:
+        setattr(cfg, PER_LAYER_FIELD, sizes)
+    elif hasattr(cfg, PER_LAYER_FIELD):
+        delattr(cfg, PER_LAYER_FIELD)
+    intermediate = max(sizes)
     cfg.intermediate_size = intermediate
     cfg.num_key_value_heads = kv_heads
     cfg.num_attention_heads = kv_heads * shape.heads_per_group
@@ -194,6 +207,24 @@ def write_config(model, intermediate: int, kv_heads: int, shape: Shape, biased: 
             raise ValueError(f"{type(model).__name__} has no config flag for a bias on the {part} output")
         add_part_biases(model, part)
         setattr(cfg, flag, True)
+
+
+def per_layer_sizes(config) -> list[int] | None:
+    """The per-block MLP widths a config records (``PER_LAYER_FIELD``), or None for uniform widths."""
+    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
+    sizes = getattr(cfg, PER_LAYER_FIELD, None)
+    return list(sizes) if sizes else None
+
+
+def resize_mlps(model, sizes: list[int]) -> None:
+    """Give block i's gate/up/down Linears ``sizes[i]`` intermediate channels (their first ones: the weights are
+    meant to be loaded over them), so a model built from a per-layer config takes its saved tensors."""
+    blocks = find_decoder(model)[1]
+    if len(sizes) != len(blocks):
+        raise UsageError(f"the config's {PER_LAYER_FIELD} gives {len(sizes)} widths for {len(blocks)} blocks")
+    for block, size in zip(blocks, sizes):
+        if size != parts(block)[1].down_proj.in_features:
+            keep_mlp_channels(block, torch.arange(size))
 
 
 def decoder_params(model) -> int:
