@@ -511,8 +511,11 @@ def structured_table(path: Path) -> str:
     rows = [x for x in r["rows"] if x["label"] != "dense" and "perplexity" in x]
     dense = next(x["perplexity"] for x in r["rows"] if x["label"] == "dense")
     removes = sorted({x["remove"] for x in rows})
+    adaptive = any("intermediate_sizes" in x for x in rows)
+    allocation = ("uniform widths, or per block in the +adaptive rows (their range in brackets)" if adaptive
+                  else "uniform widths")
     head = (f"{model_name(r)} on {r['device']} ({where(r)}), {r['dtype']}; structure "
-            f"{r['protocol']['structure']} (uniform widths, MLP width a multiple of {r['protocol']['width_multiple']}); "
+            f"{r['protocol']['structure']} ({allocation}, MLP width a multiple of {r['protocol']['width_multiple']}); "
             f"calibration {cal['nsamples']} x {cal['seqlen']} C4 tokens, seed {cal['seed']}; WikiText-2 test, "
             f"{ev['seqlen']}-token windows, first {ev['windows']}; dense {dense:.2f}. Cells: perplexity (share of the "
             "Wanda-sp gap closed); - = not run.\n\n")
@@ -534,6 +537,8 @@ def structured_table(path: Path) -> str:
             closed = f" ({100 * (gap - ppl) / (gap - dense):+.0f}%)" if gap is not None and label != "wanda-sp+none" else ""
             extra = (f" [{got[v]['widths']['num_hidden_layers']} blocks, {100 * got[v]['removed_fraction']:.1f}%]"
                      if got[v]["structure"] == "blocks" else "")
+            if "intermediate_sizes" in got[v]:
+                extra = f" [{min(got[v]['intermediate_sizes'])}-{max(got[v]['intermediate_sizes'])}]"
             cells.append(f"{ppl:.1f}{closed}{extra}")
         name = f"{label} (blocks only)" if label == "shortgpt" else label
         lines.append(f"| {name} | " + " | ".join(cells) + " |")

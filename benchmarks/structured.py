@@ -259,7 +259,7 @@ def run_prune_time(args) -> None:
     dtype = devices.resolve_dtype(args.dtype, device)
     rows = []
     for label in args.only or ["wanda-sp+none"]:
-        importance, _, restore = label.partition("+")
+        importance, restore, *flags = (label.split("+") + ["none"])[:2] + label.split("+")[2:]
         model, tok = shape_model(args.shape, dtype, device) if args.shape else loading.load_model(args.model, dtype)[:2]
         tokens = torch.randint(0, model.config.vocab_size, (args.nsamples, args.seqlen),
                                generator=torch.Generator().manual_seed(0)) if args.shape else None
@@ -267,6 +267,8 @@ def run_prune_time(args) -> None:
         t0 = time.perf_counter()
         res = api.prune_structured(model, tok, structure=args.structure, remove=args.remove, importance=importance,
                                    restore=restore or "none", width_multiple=args.width_multiple,
+                                   objective="post-norm" if "post-norm" in flags else "output",
+                                   allocation="adaptive" if "adaptive" in flags else "uniform",
                                    calibration=Calibration("c4", args.nsamples, args.seqlen, 0), calib_tokens=tokens,
                                    device=device, progress=False)
         devices.synchronize(device)

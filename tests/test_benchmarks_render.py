@@ -44,3 +44,19 @@ def test_model_name_of_a_carried_gguf_and_of_a_plain_spec():
     assert render.model_name({"model": {"spec": "smollm2-135m"}}) == "smollm2-135m"
     assert render.where({"machine": {"gpu": "NVIDIA H200", "threads": 16}}) == "NVIDIA H200"
     assert render.where({"machine": {"threads": 2}}) == "2 threads"
+
+
+def test_structured_table_shows_the_gap_closed_and_adaptive_widths(tmp_path):
+    widths = {"intermediate_size": 96, "num_key_value_heads": 1, "num_hidden_layers": 2}
+    row = lambda label, ppl, **kw: {"label": label, "structure": "mlp", "remove": 0.2, "perplexity": ppl,
+                                    "removed_fraction": 0.2, "widths": widths, **kw}
+    result = {"model": {"spec": "gemma3-270m"}, "device": "cpu", "dtype": "float32", "machine": {"threads": 2},
+              "protocol": {"calibration": {"nsamples": 4, "seqlen": 16, "seed": 0},
+                           "eval": {"seqlen": 16, "windows": 2}, "structure": "mlp", "width_multiple": 32},
+              "rows": [{"label": "dense", "perplexity": 10.0}, row("wanda-sp+none", 30.0),
+                       row("flap+lsq+adaptive", 22.0, intermediate_sizes=[64, 128])]}
+    path = tmp_path / "st.json"
+    path.write_text(json.dumps(result))
+    text = load_script().structured_table(path)
+    assert "| flap+lsq+adaptive | 22.0 (+40%) [64-128] |" in text  # (30 - 22) / (30 - 10)
+    assert "per block in the +adaptive rows" in text

@@ -56,11 +56,12 @@ def test_blocks_on_a_shape_calibrate_on_random_tokens(tmp_path):
 def test_prune_mode_times_each_row_on_the_same_widths(tmp_path):
     out = tmp_path / "prune.json"
     load_script().main(["prune", "--shape", "tiny", "--device", "cpu", "--remove", "0.3", "--nsamples", "4",
-                        "--seqlen", "16", "--only", "flap+lsq", "obs+lsq", "wanda-sp+lsq-dense", "--out", str(out)])
+                        "--seqlen", "16", "--only", "flap+lsq", "obs+lsq", "wanda-sp+lsq-dense", "flap+lsq+adaptive", "--out", str(out)])
     result = json.loads(out.read_text())
-    assert [r["label"] for r in result["rows"]] == ["flap+lsq", "obs+lsq", "wanda-sp+lsq-dense"]
-    assert [(r["settings"]["importance"], r["settings"]["restore"]) for r in result["rows"]] == \
-        [("flap", "lsq"), ("obs", "lsq"), ("wanda-sp", "lsq-dense")]
+    assert [r["label"] for r in result["rows"]] == ["flap+lsq", "obs+lsq", "wanda-sp+lsq-dense", "flap+lsq+adaptive"]
+    assert [(r["settings"]["importance"], r["settings"]["restore"], r["settings"]["allocation"])
+            for r in result["rows"]] == [("flap", "lsq", "uniform"), ("obs", "lsq", "uniform"),
+                                         ("wanda-sp", "lsq-dense", "uniform"), ("flap", "lsq", "adaptive")]
     assert len({json.dumps(r["widths"]) for r in result["rows"]}) == 1 and all(r["prune_s"] > 0 for r in result["rows"])
     assert result["calibration"] == {"nsamples": 4, "seqlen": 16, "tokens": "random"}
     table = importlib.util.spec_from_file_location("render_tables", REPO / "benchmarks" / "render_tables.py")
