@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import importlib.util
 import logging
 import os
@@ -231,8 +232,12 @@ def load_per_layer(folder: str | Path, dtype: torch.dtype | None = None):
     from . import surgery
 
     folder = Path(folder)
-    if not (folder / "config.json").is_file():
+    try:
+        raw = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
         return None
+    if not isinstance(raw, dict) or surgery.PER_LAYER_FIELD not in {**raw, **(raw.get("text_config") or {})}:
+        return None  # read as JSON first: other folders (remote code too) go to from_pretrained untouched
     config = AutoConfig.from_pretrained(folder)
     sizes = surgery.per_layer_sizes(config)
     if sizes is None:

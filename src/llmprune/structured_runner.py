@@ -198,7 +198,7 @@ def _post_norm_stats(block, hidden, block_calls, needs, layers) -> dict:
     stats = {name: {k: STATISTICS[k](layer.in_features, device) for k in needs} for name, layer in layers.items()}
 
     def hook(name):
-        eps = float(getattr(norms[name], "eps", getattr(norms[name], "variance_epsilon", 1e-6)))
+        eps = _norm_eps(norms[name])
 
         def forward_hook(module, args, output):
             weight = torch.reciprocal(output.detach().float().pow(2).mean(dim=-1, keepdim=True) + eps)
@@ -216,9 +216,13 @@ def _post_norm_stats(block, hidden, block_calls, needs, layers) -> dict:
             handle.remove()
     for name, layer in layers.items():
         ones = torch.ones(1, layer.out_features, dtype=layer.weight.dtype, device=device)
-        eps = float(getattr(norms[name], "eps", getattr(norms[name], "variance_epsilon", 1e-6)))
-        stats[name]["row_gain"] = (norms[name](ones).float() * (1 + eps) ** 0.5).flatten()
+        stats[name]["row_gain"] = (norms[name](ones).float() * (1 + _norm_eps(norms[name])) ** 0.5).flatten()
     return stats
+
+
+def _norm_eps(norm) -> float:
+    """An RMS norm's epsilon, under either of the names transformers' norms give it."""
+    return float(getattr(norm, "eps", getattr(norm, "variance_epsilon", 1e-6)))
 
 
 def _paired_stats(block, hidden, dense, block_calls, needs) -> dict:
