@@ -117,9 +117,12 @@ def main() -> None:
         if (label, pattern) in done:
             continue
         model, _, _ = loading.load_model(args.model, dtype)
-        importance, _, restore = ("magnitude+none" if label == "shortgpt" else label).partition("+")
+        importance, restore, *flags = ("magnitude+none" if label == "shortgpt" else label + "+none").split("+")
+        flags = [f for f in flags if f != "none"]
         res = api.prune_structured(model, tok, structure=structure, remove=args.remove, importance=importance,
-                                   restore=restore or "none", calib_tokens=tokens, calibration=calib, device=device)
+                                   restore=restore, objective="post-norm" if "post-norm" in flags else "output",
+                                   allocation="adaptive" if "adaptive" in flags else "uniform",
+                                   calib_tokens=tokens, calibration=calib, device=device)
         evaluate(label, pattern, res.prune_s, res.removed_fraction)
     for method, pattern in runs if not args.structured else []:
         if (method, pattern) in done:
